@@ -1,0 +1,3 @@
+from fastlayers.cli import main
+
+raise SystemExit(main())

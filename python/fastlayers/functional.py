@@ -1,0 +1,7 @@
+"""Functional interface, mirroring ``torch.nn.functional``: each function takes the
+arguments of its torch twin where one exists, runs the compiled kernel for the tensors'
+device when available, and its pure-PyTorch reference otherwise."""
+
+from fastlayers.ops.bias_act import bias_act
+
+__all__ = ["bias_act"]

@@ -1,0 +1,36 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    # CI sets FASTLAYERS_REQUIRE_EXTENSION=1: a missing or broken build must fail the
+    # run, not quietly turn every kernel test into a test of the reference.
+    if os.environ.get("FASTLAYERS_REQUIRE_EXTENSION") == "1":
+        from fastlayers import _extension
+
+        if not _extension.available():
+            raise pytest.UsageError(f"fastlayers extension failed to load: {_extension.load_error}")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed_and_backend():
+    import fastlayers
+
+    torch.manual_seed(0)
+    with fastlayers.use_backend("kernels"):
+        yield
