@@ -31,6 +31,28 @@ from fastlayers import _extension
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# glibc returns freed memory at the top of the heap to the OS (and serves large blocks
+# with mmap), so a loop that allocates and frees 10 MB tensors can page-fault every
+# megabyte of them again on each call: 2-6x slower, and bimodal from run to run,
+# depending on the order of frees. Fixed thresholds stop that, as jemalloc/tcmalloc
+# (which PyTorch's performance guide recommends) would; both providers benefit alike.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def configure_malloc() -> str:
+    """Raise glibc's trim and mmap thresholds to 1 GiB; returns a note for the report."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        return "glibc malloc: trim/mmap thresholds 1 GiB" if ok else "glibc malloc: defaults (mallopt failed)"
+    except OSError:
+        return "malloc: platform default"
+
+
+MALLOC_NOTE = configure_malloc()  # before any benchmark tensor is allocated
+
 
 @dataclass
 class Case:
@@ -123,6 +145,7 @@ def run(name: str, cases: list[Case], args: argparse.Namespace, metric: str = "g
     torch.set_num_threads(args.threads)
     devices = sorted({c.device for c in cases})
     machine = machine_info(args.threads, devices)
+    machine["malloc"] = MALLOC_NOTE
     rounds, min_run_time = (3, 0.05) if args.quick else (7, 0.2)
     results = [time_case(case, args.threads, rounds, min_run_time) for case in cases]
     for r in results:
@@ -151,6 +174,7 @@ def print_table(name: str, machine: dict, results: list[dict]) -> None:
     )
     if peak:
         print(f"measured fp32 FMA peak {peak:.0f} GFLOP/s, copy bandwidth {machine['copy_gbps']:.1f} GB/s")
+    print(machine["malloc"])
     header = (
         f"{'case':<44} {'native ms':>10} {'ours ms':>10} {'(p20-p80)':>15} {'speedup':>8} "
         f"{'GFLOP/s':>8} {'%peak':>6} {'GB/s':>7} {'%copy':>6}"
