@@ -9,6 +9,7 @@
 #include "common/torch_utils.h"
 
 namespace fastlayers::bias_act {
+namespace {
 
 Activation parse_activation(std::string_view name, const char* op) {
   if (name == "identity") return Activation::kIdentity;
@@ -22,7 +23,7 @@ Activation parse_activation(std::string_view name, const char* op) {
   return Activation::kIdentity;
 }
 
-static DenseShape dense_shape(const at::Tensor& t, at::MemoryFormat format) {
+DenseShape dense_shape(const at::Tensor& t, at::MemoryFormat format) {
   DenseShape shape;
   if (t.dim() < 2) {  // no channel dimension: one channel, bias-free
     shape.outer = 1;
@@ -43,6 +44,14 @@ static DenseShape dense_shape(const at::Tensor& t, at::MemoryFormat format) {
   return shape;
 }
 
+struct Plan {
+  at::MemoryFormat memory_format = at::MemoryFormat::Contiguous;
+  DenseShape shape;
+  DType dtype = DType::kFloat32;
+  Activation activation = Activation::kIdentity;
+};
+
+// Validates input/bias/activation and says how the dense kernels view `input`.
 Plan make_plan(const at::Tensor& input, const std::optional<at::Tensor>& bias,
                std::string_view activation, const char* op) {
   Plan plan;
@@ -64,8 +73,26 @@ Plan make_plan(const at::Tensor& input, const std::optional<at::Tensor>& bias,
   return plan;
 }
 
-Plan make_backward_plan(const at::Tensor& grad_output, const at::Tensor& saved,
-                        const std::optional<at::Tensor>& bias, std::string_view activation) {
+}  // namespace
+
+ForwardCall prepare_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                            std::string_view activation) {
+  Plan plan = make_plan(input, bias, activation, "bias_act");
+  ForwardCall call;
+  call.input = input.contiguous(plan.memory_format);
+  call.output = at::empty(call.input.sizes(), call.input.options().memory_format(plan.memory_format));
+  if (bias.has_value()) call.bias = bias->contiguous();
+  call.args.input = call.input.const_data_ptr();
+  call.args.bias = call.bias.defined() ? call.bias.const_data_ptr() : nullptr;
+  call.args.output = call.output.mutable_data_ptr();
+  call.args.shape = plan.shape;
+  call.args.dtype = plan.dtype;
+  call.args.activation = plan.activation;
+  return call;
+}
+
+BackwardCall prepare_backward(const at::Tensor& grad_output, const at::Tensor& saved,
+                              const std::optional<at::Tensor>& bias, std::string_view activation) {
   const char* op = "bias_act_backward";
   Plan plan = make_plan(saved, bias, activation, op);
   TORCH_CHECK(grad_output.sizes() == saved.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
@@ -74,10 +101,27 @@ Plan make_backward_plan(const at::Tensor& grad_output, const at::Tensor& saved,
               " but the saved tensor is on ", saved.device());
   TORCH_CHECK_TYPE(grad_output.scalar_type() == saved.scalar_type(), op, ": grad_output dtype ",
                    grad_output.scalar_type(), " does not match ", saved.scalar_type());
-  return plan;
+  BackwardCall call;
+  call.saved = saved.contiguous(plan.memory_format);
+  call.grad_output = grad_output.contiguous(plan.memory_format);
+  call.grad_input = at::empty(call.saved.sizes(), call.saved.options().memory_format(plan.memory_format));
+  if (bias.has_value()) call.bias = bias->contiguous();
+  call.args.grad_output = call.grad_output.const_data_ptr();
+  call.args.saved = call.saved.const_data_ptr();
+  call.args.bias = call.bias.defined() ? call.bias.const_data_ptr() : nullptr;
+  call.args.grad_input = call.grad_input.mutable_data_ptr();
+  call.args.shape = plan.shape;
+  call.args.dtype = plan.dtype;
+  call.args.activation = plan.activation;
+  return call;
 }
 
 namespace {
+
+// Rows per partial-sum group for channels_last backward: ~16K elements a group.
+int64_t rows_per_group(const DenseShape& shape) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, shape.channels));
+}
 
 // Units of work per parallel task: at least ~32K elements.
 int64_t grain_units(int64_t elements_per_unit) {
@@ -86,72 +130,51 @@ int64_t grain_units(int64_t elements_per_unit) {
 
 at::Tensor bias_act_cpu(const at::Tensor& input, const std::optional<at::Tensor>& bias,
                         c10::string_view activation) {
-  Plan plan = make_plan(input, bias, activation, "bias_act");
-  at::Tensor x = input.contiguous(plan.memory_format);
-  at::Tensor output = at::empty(x.sizes(), x.options().memory_format(plan.memory_format));
-  if (x.numel() == 0) return output;
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-
-  ForwardArgs args;
-  args.input = x.const_data_ptr();
-  args.bias = b.defined() ? b.const_data_ptr() : nullptr;
-  args.output = output.mutable_data_ptr();
-  args.shape = plan.shape;
-  args.dtype = plan.dtype;
-  args.activation = plan.activation;
+  ForwardCall call = prepare_forward(input, bias, activation);
+  const DenseShape& shape = call.args.shape;
+  if (shape.numel() == 0) return call.output;
   const CpuKernels& kernels = bias_act_cpu_kernels_select();
-  const bool planes = plan.shape.inner > 1;
-  const int64_t units = planes ? plan.shape.outer * plan.shape.channels : plan.shape.outer;
-  const int64_t per_unit = planes ? plan.shape.inner : plan.shape.channels;
+  const bool planes = shape.inner > 1;
+  const int64_t units = planes ? shape.outer * shape.channels : shape.outer;
+  const int64_t per_unit = planes ? shape.inner : shape.channels;
   at::parallel_for(0, units, grain_units(per_unit),
-                   [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
-  return output;
+                   [&](int64_t begin, int64_t end) { kernels.forward(call.args, begin, end); });
+  return call.output;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_act_backward_cpu(const at::Tensor& grad_output, const at::Tensor& saved,
                                                          const std::optional<at::Tensor>& bias,
                                                          c10::string_view activation) {
-  Plan plan = make_backward_plan(grad_output, saved, bias, activation);
-  at::Tensor s = saved.contiguous(plan.memory_format);
-  at::Tensor g = grad_output.contiguous(plan.memory_format);
-  at::Tensor grad_input = at::empty(s.sizes(), s.options().memory_format(plan.memory_format));
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const DenseShape& shape = plan.shape;
+  BackwardCall call = prepare_backward(grad_output, saved, bias, activation);
+  const DenseShape& shape = call.args.shape;
   const bool planes = shape.inner > 1;
   const int64_t group_rows = rows_per_group(shape);
   const int64_t units = planes ? shape.outer * shape.channels : (shape.outer + group_rows - 1) / group_rows;
   const int64_t groups = planes ? shape.outer : units;
+  const bool has_bias = call.bias.defined();
 
   at::Tensor partials;
-  if (b.defined()) partials = at::empty({groups, shape.channels}, s.options().dtype(at::kDouble));
-  if (s.numel() > 0) {
-    BackwardArgs args;
-    args.grad_output = g.const_data_ptr();
-    args.saved = s.const_data_ptr();
-    args.bias = b.defined() ? b.const_data_ptr() : nullptr;
-    args.grad_input = grad_input.mutable_data_ptr();
-    args.bias_partials = b.defined() ? partials.mutable_data_ptr() : nullptr;
-    args.rows_per_group = group_rows;
-    args.shape = shape;
-    args.dtype = plan.dtype;
-    args.activation = plan.activation;
+  if (has_bias) partials = at::empty({groups, shape.channels}, call.saved.options().dtype(at::kDouble));
+  if (shape.numel() > 0) {
+    call.args.bias_partials = has_bias ? partials.mutable_data_ptr() : nullptr;
+    call.args.rows_per_group = group_rows;
     const CpuKernels& kernels = bias_act_cpu_kernels_select();
     const int64_t per_unit = planes ? shape.inner : group_rows * shape.channels;
     at::parallel_for(0, units, grain_units(per_unit),
-                     [&](int64_t begin, int64_t end) { kernels.backward(args, begin, end); });
+                     [&](int64_t begin, int64_t end) { kernels.backward(call.args, begin, end); });
   }
-  if (!b.defined()) return {grad_input, at::empty({0}, s.options())};
+  if (!has_bias) return {call.grad_input, at::empty({0}, call.saved.options())};
 
   // grad_bias[c] = sum over groups, in group order (deterministic).
   at::Tensor sums = at::zeros({shape.channels}, partials.options());
-  if (s.numel() > 0) {
+  if (shape.numel() > 0) {
     const double* p = partials.const_data_ptr<double>();
     double* out = sums.mutable_data_ptr<double>();
     for (int64_t group = 0; group < groups; ++group) {
       for (int64_t c = 0; c < shape.channels; ++c) out[c] += p[group * shape.channels + c];
     }
   }
-  return {grad_input, sums.to(b.scalar_type())};
+  return {call.grad_input, sums.to(call.bias.scalar_type())};
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Argument checks and the dense plan shared by the CPU and CUDA bias_act ops.
+// Argument checks and dense operands shared by the CPU and CUDA bias_act ops.
 #pragma once
 
 #include <optional>
@@ -10,27 +10,22 @@
 
 namespace fastlayers::bias_act {
 
-Activation parse_activation(std::string_view name, const char* op);
-
-struct Plan {
-  at::MemoryFormat memory_format = at::MemoryFormat::Contiguous;
-  DenseShape shape;
-  DType dtype = DType::kFloat32;
-  Activation activation = Activation::kIdentity;
+// One forward call, checked (each message names the argument and what was expected)
+// and made dense, with the output allocated; `args` points into the tensors held here.
+struct ForwardCall {
+  at::Tensor input, bias, output;
+  ForwardArgs args;
 };
+ForwardCall prepare_forward(const at::Tensor& input, const std::optional<at::Tensor>& bias,
+                            std::string_view activation);
 
-// Validates input/bias/activation (naming the argument and what was expected) and
-// returns how the dense kernels view `input`.
-Plan make_plan(const at::Tensor& input, const std::optional<at::Tensor>& bias,
-               std::string_view activation, const char* op);
-
-// Checks grad_output and saved against each other and the plan of `saved`.
-Plan make_backward_plan(const at::Tensor& grad_output, const at::Tensor& saved,
-                        const std::optional<at::Tensor>& bias, std::string_view activation);
-
-// Rows per partial-sum group for channels_last backward: ~16K elements a group.
-inline int64_t rows_per_group(const DenseShape& shape) {
-  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, shape.channels));
-}
+// One backward call, likewise; args.bias_partials and args.rows_per_group are left to
+// the device code, whose reduction layouts differ.
+struct BackwardCall {
+  at::Tensor grad_output, saved, bias, grad_input;
+  BackwardArgs args;
+};
+BackwardCall prepare_backward(const at::Tensor& grad_output, const at::Tensor& saved,
+                              const std::optional<at::Tensor>& bias, std::string_view activation);
 
 }  // namespace fastlayers::bias_act

@@ -18,50 +18,31 @@ void check_launch(int status, const char* op) {
 
 at::Tensor bias_act_cuda(const at::Tensor& input, const std::optional<at::Tensor>& bias,
                          c10::string_view activation) {
-  Plan plan = make_plan(input, bias, activation, "bias_act");
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor x = input.contiguous(plan.memory_format);
-  at::Tensor output = at::empty(x.sizes(), x.options().memory_format(plan.memory_format));
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  ForwardArgs args;
-  args.input = x.const_data_ptr();
-  args.bias = b.defined() ? b.const_data_ptr() : nullptr;
-  args.output = output.mutable_data_ptr();
-  args.shape = plan.shape;
-  args.dtype = plan.dtype;
-  args.activation = plan.activation;
-  check_launch(launch_forward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), "bias_act");
-  return output;
+  ForwardCall call = prepare_forward(input, bias, activation);
+  check_launch(launch_forward_cuda(call.args, at::cuda::getCurrentCUDAStream().stream()), "bias_act");
+  return call.output;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_act_backward_cuda(const at::Tensor& grad_output, const at::Tensor& saved,
                                                           const std::optional<at::Tensor>& bias,
                                                           c10::string_view activation) {
-  Plan plan = make_backward_plan(grad_output, saved, bias, activation);
   const c10::cuda::CUDAGuard guard(saved.device());
-  at::Tensor s = saved.contiguous(plan.memory_format);
-  at::Tensor g = grad_output.contiguous(plan.memory_format);
-  at::Tensor grad_input = at::empty(s.sizes(), s.options().memory_format(plan.memory_format));
-  at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor grad_bias = b.defined() ? at::empty({plan.shape.channels}, b.options()) : at::empty({0}, s.options());
+  BackwardCall call = prepare_backward(grad_output, saved, bias, activation);
+  const bool has_bias = call.bias.defined();
+  at::Tensor grad_bias = has_bias ? at::empty({call.args.shape.channels}, call.bias.options())
+                                  : at::empty({0}, call.saved.options());
   at::Tensor partials;
-  if (b.defined()) {
-    const auto acc_dtype = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    partials = at::empty({bias_partial_groups_cuda(plan.shape), plan.shape.channels}, s.options().dtype(acc_dtype));
+  if (has_bias) {
+    const auto acc_dtype = call.saved.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    partials = at::empty({bias_partial_groups_cuda(call.args.shape), call.args.shape.channels},
+                         call.saved.options().dtype(acc_dtype));
+    call.args.bias_partials = partials.mutable_data_ptr();
   }
-  BackwardArgs args;
-  args.grad_output = g.const_data_ptr();
-  args.saved = s.const_data_ptr();
-  args.bias = b.defined() ? b.const_data_ptr() : nullptr;
-  args.grad_input = grad_input.mutable_data_ptr();
-  args.bias_partials = b.defined() ? partials.mutable_data_ptr() : nullptr;
-  args.shape = plan.shape;
-  args.dtype = plan.dtype;
-  args.activation = plan.activation;
-  check_launch(launch_backward_cuda(args, b.defined() ? grad_bias.mutable_data_ptr() : nullptr,
+  check_launch(launch_backward_cuda(call.args, has_bias ? grad_bias.mutable_data_ptr() : nullptr,
                                     at::cuda::getCurrentCUDAStream().stream()),
                "bias_act_backward");
-  return {grad_input, grad_bias};
+  return {call.grad_input, grad_bias};
 }
 
 }  // namespace
