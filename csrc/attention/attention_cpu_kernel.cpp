@@ -1,0 +1,551 @@
+// Flash-attention CPU kernels. Compiled once per ISA into namespace
+// fastlayers::FL_CPU_NS (csrc/cmake/FastlayersCpuKernels.cmake); parallelism lives in
+// the caller (at::parallel_for over units, attention.cpp).
+//
+// Forward (per batch, head and block of kBlockQ query rows): for each block of
+// kBlockK keys, S = Q K^T (one GEMM on the micro-kernel below), s = S * scale + mask
+// (and the causal cut), online softmax with the running row max m and sum l, O = O *
+// e^(m_old - m_new) + P V (a second GEMM); at the end O / l and lse = m + log l. Extra
+// memory is a few tiles per thread: never Lq x Lk.
+//
+// Backward recomputes P = exp(s - lse) from the saved logsumexp: D = rowsum(dO * O),
+// dS = P * (dO V^T - D). dK and dV are computed per key block (summing the query heads
+// of a GQA group and all query blocks in order), dQ per query block: no atomics, the
+// result does not depend on the thread count.
+//
+// Tiles are copied into zero-padded buffers of the compute type (float, or double for
+// float64), so every dtype, stride and ragged length runs the same micro-kernel.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+
+#include "attention/attention_kernel.h"
+#include "common/cpu_scalar.h"
+#include "common/math.h"
+
+namespace fastlayers::FL_CPU_NS {
+namespace {
+
+using attention::BackwardArgs;
+using attention::ForwardArgs;
+using attention::Inputs;
+using attention::kBlockK;
+using attention::kBlockQ;
+using attention::RowStrides;
+using cpu::compute_t;
+using cpu::load;
+using cpu::store;
+
+// ---- the GEMM micro-kernel ------------------------------------------------------------
+
+#if defined(FL_CPU_ISA_avx512)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;  // one ymm on AVX2; the compiler splits it into xmm on the base ISA
+#endif
+
+// A GCC/Clang vector of the ISA's register width: element-wise arithmetic on it is one
+// instruction, and `scalar * vector` broadcasts.
+template <class T> struct Vector {
+  static constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(T));
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+};
+
+constexpr int kRowsPerPanel = 8;       // MR: rows of C per register block
+constexpr int kVectorsPerPanel = 2;    // NR = 2 vectors of columns
+template <class T> constexpr int64_t kPanelCols = kVectorsPerPanel * Vector<T>::kLanes;
+
+template <class V, class T> FL_INLINE V load_vector(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V, class T> FL_INLINE void store_vector(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+
+// C[M x N] = (accumulate ? C : 0) + A[M x K] B[K x N], all row-major with leading
+// dimensions lda/ldb/ldc. M must be a multiple of kRowsPerPanel and N of kPanelCols:
+// callers pass zero-padded tiles. Each 8 x 2-vector block of C stays in 16 registers
+// over the whole K loop (8 broadcasts of A and 2 loads of B per 16 FMAs).
+template <class T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+          bool accumulate) {
+  using V = typename Vector<T>::type;
+  constexpr int L = Vector<T>::kLanes;
+  constexpr int MR = kRowsPerPanel;
+  for (int64_t j0 = 0; j0 < N; j0 += kPanelCols<T>) {
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+      V acc0[MR], acc1[MR];
+      for (int r = 0; r < MR; ++r) {
+        if (accumulate) {
+          acc0[r] = load_vector<V>(C + (i0 + r) * ldc + j0);
+          acc1[r] = load_vector<V>(C + (i0 + r) * ldc + j0 + L);
+        } else {
+          acc0[r] = V{};
+          acc1[r] = V{};
+        }
+      }
+      const T* a = A + i0 * lda;
+      for (int64_t k = 0; k < K; ++k) {
+        const V b0 = load_vector<V>(B + k * ldb + j0);
+        const V b1 = load_vector<V>(B + k * ldb + j0 + L);
+        for (int r = 0; r < MR; ++r) {
+          const T ar = a[r * lda + k];
+          acc0[r] += ar * b0;
+          acc1[r] += ar * b1;
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        store_vector(C + (i0 + r) * ldc + j0, acc0[r]);
+        store_vector(C + (i0 + r) * ldc + j0 + L, acc1[r]);
+      }
+    }
+  }
+}
+
+FL_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// ---- tiles ----------------------------------------------------------------------------
+
+// One zeroed, 64-byte aligned allocation carved into tiles (per parallel chunk).
+template <class T> class Workspace {
+ public:
+  explicit Workspace(int64_t elements) {
+    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(elements, 1) * sizeof(T), 64));
+    data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (data_) std::memset(data_.get(), 0, bytes);
+  }
+  bool ok() const { return data_ != nullptr; }
+  T* take(int64_t elements) {
+    T* p = data_.get() + used_;
+    used_ += round_up(elements, 64 / sizeof(T));
+    return p;
+  }
+  static int64_t size_of(int64_t elements) { return round_up(elements, 64 / sizeof(T)); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+  int64_t used_ = 0;
+};
+
+// rows x cols of `src` (row stride `stride`) into dst[r * ld + c], as T.
+template <class S, class T>
+void copy_rows(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* s = src + r * stride;
+    T* d = dst + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) d[c] = T(load(s[c]));
+  }
+}
+
+// The transpose: dst[c * ld + r] = src[r][c].
+template <class S, class T>
+void copy_rows_transposed(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* s = src + r * stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = T(load(s[c]));
+  }
+}
+
+template <class T> void zero_rows(T* dst, int64_t ld, int64_t row_begin, int64_t row_end) {
+  if (row_end > row_begin) std::memset(dst + row_begin * ld, 0, sizeof(T) * (row_end - row_begin) * ld);
+}
+
+template <class T> constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// The logits of one tile row in place: s[j] = s[j] * scale + mask(i, j0 + j), -inf
+// where causality hides key j0 + j from query i.
+template <class S, class T>
+FL_INLINE void logits_row(const Inputs& in, const S* mask_row, int64_t i, int64_t j0, int64_t count, T scale,
+                          T* s) {
+  if (mask_row) {
+    const int64_t mj = in.mask_strides[3];
+    if (mj == 1) {
+#pragma omp simd
+      for (int64_t j = 0; j < count; ++j) s[j] = s[j] * scale + T(load(mask_row[j0 + j]));
+    } else {
+      for (int64_t j = 0; j < count; ++j) s[j] = s[j] * scale + T(load(mask_row[(j0 + j) * mj]));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) s[j] = s[j] * scale;
+  }
+  if (in.causal && j0 + count - 1 > i) {
+    for (int64_t j = std::max<int64_t>(0, i + 1 - j0); j < count; ++j) s[j] = kNegInf<T>;
+  }
+}
+
+template <class S>
+const S* mask_row_ptr(const Inputs& in, int64_t b, int64_t h, int64_t i) {
+  if (!in.mask) return nullptr;
+  const int64_t* ms = in.mask_strides;
+  return static_cast<const S*>(in.mask) + b * ms[0] + h * ms[1] + i * ms[2];
+}
+
+// The key range query rows [i0, i0 + rows) can see.
+FL_INLINE int64_t visible_keys(const Inputs& in, int64_t i0, int64_t rows) {
+  return in.causal ? std::min(in.shape.kv_len, i0 + rows) : in.shape.kv_len;
+}
+
+// ---- forward ----------------------------------------------------------------------------
+
+template <class S>
+void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
+  const Inputs& in = args.in;
+  const auto& sh = in.shape;
+  const int64_t E = sh.head_dim, Ev = sh.value_dim;
+  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
+  const int64_t q_blocks = attention::ceil_div(sh.q_len, kBlockQ);
+  const int64_t group = sh.heads / sh.kv_heads;
+  const T scale = T(in.scale);
+
+  using W = Workspace<T>;
+  W ws(W::size_of(kBlockQ * Ep) + W::size_of(E * kBlockK) + W::size_of(kBlockK * Evp) +
+       W::size_of(kBlockQ * kBlockK) + W::size_of(kBlockQ * Evp) + 2 * W::size_of(kBlockQ));
+  if (!ws.ok()) throw std::bad_alloc();
+  T* q_tile = ws.take(kBlockQ * Ep);      // Q [rows][Ep]
+  T* kt_tile = ws.take(E * kBlockK);      // K^T [E][kBlockK]
+  T* v_tile = ws.take(kBlockK * Evp);     // V [keys][Evp]
+  T* s_tile = ws.take(kBlockQ * kBlockK); // S, then P
+  T* o_acc = ws.take(kBlockQ * Evp);      // unnormalized O
+  T* row_max = ws.take(kBlockQ);
+  T* row_sum = ws.take(kBlockQ);
+
+  const S* query = static_cast<const S*>(in.query);
+  const S* key = static_cast<const S*>(in.key);
+  const S* value = static_cast<const S*>(in.value);
+  S* output = static_cast<S*>(args.output);
+  T* lse = static_cast<T*>(args.logsumexp);
+
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t bh = unit / q_blocks;
+    const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / group;
+    const int64_t i0 = (unit % q_blocks) * kBlockQ;
+    const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
+    const int64_t Mq = round_up(nq, kRowsPerPanel);
+
+    copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep);
+    zero_rows(q_tile, Ep, nq, Mq);
+    std::memset(o_acc, 0, sizeof(T) * Mq * Evp);
+    for (int64_t i = 0; i < nq; ++i) {
+      row_max[i] = kNegInf<T>;
+      row_sum[i] = T(0);
+    }
+    const S* k_head = key + b * in.k.batch + hk * in.k.head;
+    const S* v_head = value + b * in.v.batch + hk * in.v.head;
+    const int64_t kv_end = visible_keys(in, i0, nq);
+
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kv_end - j0);
+      const int64_t Nk = round_up(nk, kPanelCols<T>);
+      copy_rows_transposed(k_head + j0 * in.k.row, in.k.row, nk, E, kt_tile, kBlockK);
+      copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
+      gemm<T>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);
+
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t i = i0 + r;
+        T* s = s_tile + r * kBlockK;
+        logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, scale, s);
+        T tile_max = kNegInf<T>;
+#pragma omp simd reduction(max : tile_max)
+        for (int64_t j = 0; j < nk; ++j) tile_max = std::max(tile_max, s[j]);
+        const T m_new = std::max(row_max[r], tile_max);
+        if (m_new == kNegInf<T>) {  // nothing visible yet in this row: P = 0
+          std::memset(s, 0, sizeof(T) * nk);
+          continue;
+        }
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < nk; ++j) {
+          const T p = math::exp(s[j] - m_new);  // exp(-inf) == 0 exactly
+          s[j] = p;
+          sum += p;
+        }
+        const T alpha = math::exp(row_max[r] - m_new);
+        row_max[r] = m_new;
+        row_sum[r] = row_sum[r] * alpha + sum;
+        if (alpha != T(1)) {
+          T* o = o_acc + r * Evp;
+#pragma omp simd
+          for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha;
+        }
+      }
+      // Rows nq..Mq of P multiply zero query rows' garbage-free tiles; their output is
+      // never read. P's columns beyond nk are outside the K range of this product.
+      gemm<T>(Mq, Evp, nk, s_tile, kBlockK, v_tile, Evp, o_acc, Evp, true);
+    }
+
+    S* out = output + ((b * sh.heads + h) * sh.q_len + i0) * Ev;
+    T* lse_out = lse + (b * sh.heads + h) * sh.q_len + i0;
+    for (int64_t r = 0; r < nq; ++r) {
+      const T l = row_sum[r];
+      // A row that sees no key (fully masked, or Lk == 0) gives 0, as torch's SDPA does.
+      const T inv = l > T(0) ? T(1) / l : T(0);
+      const T* o = o_acc + r * Evp;
+#pragma omp simd
+      for (int64_t c = 0; c < Ev; ++c) out[r * Ev + c] = store<S>(o[c] * inv);
+      lse_out[r] = l > T(0) ? row_max[r] + std::log(l) : kNegInf<T>;
+    }
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------
+
+template <class S>
+void row_dot_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
+  const auto& sh = args.in.shape;
+  const int64_t Ev = sh.value_dim;
+  const S* grad_out = static_cast<const S*>(args.grad_output);
+  const S* out = static_cast<const S*>(args.output);
+  T* dot = static_cast<T*>(args.row_dot);
+  const RowStrides& gs = args.grad_output_strides;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / sh.heads, h = unit % sh.heads;
+    for (int64_t i = 0; i < sh.q_len; ++i) {
+      const S* g = grad_out + b * gs.batch + h * gs.head + i * gs.row;
+      const S* o = out + (unit * sh.q_len + i) * Ev;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < Ev; ++c) sum += T(load(g[c])) * T(load(o[c]));
+      dot[unit * sh.q_len + i] = sum;
+    }
+  }
+}
+
+// P = exp(s - lse) and dS = P * (dP - D) for one row of logits `s` and of dP, in place
+// (s becomes P, dp becomes dS). `lse` and `dot` are per-element pointers (stride 1) or
+// broadcast scalars (stride 0).
+template <class T>
+FL_INLINE void probabilities_and_grad(int64_t count, T* s, T* dp, const T* lse, const T* dot, int64_t stride) {
+#pragma omp simd
+  for (int64_t x = 0; x < count; ++x) {
+    const T l = lse[x * stride];
+    // lse == -inf: the row saw no key; its P (and gradient) is 0, as in the forward.
+    const T p = l == kNegInf<T> ? T(0) : math::exp(s[x] - l);
+    s[x] = p;
+    dp[x] = p * (dp[x] - dot[x * stride]);
+  }
+}
+
+template <class S>
+void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
+  const Inputs& in = args.in;
+  const auto& sh = in.shape;
+  const int64_t E = sh.head_dim, Ev = sh.value_dim;
+  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
+  const int64_t k_blocks = attention::ceil_div(sh.kv_len, kBlockK);
+  const int64_t group = sh.heads / sh.kv_heads;
+  const T scale = T(in.scale);
+
+  using W = Workspace<T>;
+  W ws(W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) + W::size_of(kBlockQ * Ep) +
+       W::size_of(E * kBlockQ) + W::size_of(kBlockQ * Evp) + W::size_of(Ev * kBlockQ) +
+       2 * W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp));
+  if (!ws.ok()) throw std::bad_alloc();
+  T* k_tile = ws.take(kBlockK * Ep);        // K [keys][Ep]
+  T* v_tile = ws.take(kBlockK * Evp);       // V [keys][Evp]
+  T* q_tile = ws.take(kBlockQ * Ep);        // Q [rows][Ep]
+  T* qt_tile = ws.take(E * kBlockQ);        // Q^T [E][rows]
+  T* do_tile = ws.take(kBlockQ * Evp);      // dO [rows][Evp]
+  T* dot_tile = ws.take(Ev * kBlockQ);      // dO^T [Ev][rows]
+  T* pt_tile = ws.take(kBlockK * kBlockQ);  // S^T, then P^T
+  T* dpt_tile = ws.take(kBlockK * kBlockQ); // dP^T, then dS^T
+  T* dk_acc = ws.take(kBlockK * Ep);
+  T* dv_acc = ws.take(kBlockK * Evp);
+
+  const S* query = static_cast<const S*>(in.query);
+  const S* key = static_cast<const S*>(in.key);
+  const S* value = static_cast<const S*>(in.value);
+  const S* grad_out = static_cast<const S*>(args.grad_output);
+  const RowStrides& gs = args.grad_output_strides;
+  const T* lse = static_cast<const T*>(args.logsumexp);
+  const T* dot = static_cast<const T*>(args.row_dot);
+  S* grad_key = static_cast<S*>(args.grad_key);
+  S* grad_value = static_cast<S*>(args.grad_value);
+
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t bhk = unit / k_blocks;
+    const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads;
+    const int64_t j0 = (unit % k_blocks) * kBlockK;
+    const int64_t nk = std::min(kBlockK, sh.kv_len - j0);
+    const int64_t Mk = round_up(nk, kRowsPerPanel);
+
+    copy_rows(key + b * in.k.batch + hk * in.k.head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
+    zero_rows(k_tile, Ep, nk, Mk);
+    copy_rows(value + b * in.v.batch + hk * in.v.head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
+    zero_rows(v_tile, Evp, nk, Mk);
+    std::memset(dk_acc, 0, sizeof(T) * Mk * Ep);
+    std::memset(dv_acc, 0, sizeof(T) * Mk * Evp);
+    // Causal: query i sees key j iff j <= i, so rows before j0 see none of this block.
+    const int64_t first_block = in.causal ? j0 / kBlockQ : 0;
+
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const int64_t bh = b * sh.heads + h;
+      for (int64_t i0 = first_block * kBlockQ; i0 < sh.q_len; i0 += kBlockQ) {
+        const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
+        const int64_t Nq = round_up(nq, kPanelCols<T>);
+        const S* q_rows = query + b * in.q.batch + h * in.q.head + i0 * in.q.row;
+        const S* g_rows = grad_out + b * gs.batch + h * gs.head + i0 * gs.row;
+        copy_rows(q_rows, in.q.row, nq, E, q_tile, Ep);
+        copy_rows_transposed(q_rows, in.q.row, nq, E, qt_tile, kBlockQ);
+        copy_rows(g_rows, gs.row, nq, Ev, do_tile, Evp);
+        copy_rows_transposed(g_rows, gs.row, nq, Ev, dot_tile, kBlockQ);
+
+        gemm<T>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, pt_tile, kBlockQ, false);     // S^T
+        gemm<T>(Mk, Nq, Ev, v_tile, Evp, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
+        const T* lse_rows = lse + bh * sh.q_len + i0;
+        const T* dot_rows = dot + bh * sh.q_len + i0;
+        const int64_t* ms = in.mask_strides;
+        const S* mask_block =
+            in.mask ? static_cast<const S*>(in.mask) + b * ms[0] + h * ms[1] + i0 * ms[2] + j0 * ms[3] : nullptr;
+        for (int64_t c = 0; c < nk; ++c) {  // row c of S^T: key j0 + c against the nq queries
+          T* s = pt_tile + c * kBlockQ;
+          if (mask_block) {
+            const S* m = mask_block + c * ms[3];
+            const int64_t mi = ms[2];
+            for (int64_t r = 0; r < nq; ++r) s[r] = s[r] * scale + T(load(m[r * mi]));
+          } else {
+#pragma omp simd
+            for (int64_t r = 0; r < nq; ++r) s[r] = s[r] * scale;
+          }
+          if (in.causal) {  // query i0 + r sees key j0 + c iff r >= j0 + c - i0
+            const int64_t hidden = std::min(nq, std::max<int64_t>(0, j0 + c - i0));
+            for (int64_t r = 0; r < hidden; ++r) s[r] = kNegInf<T>;
+          }
+          probabilities_and_grad(nq, s, dpt_tile + c * kBlockQ, lse_rows, dot_rows, 1);
+        }
+        gemm<T>(Mk, Evp, nq, pt_tile, kBlockQ, do_tile, Evp, dv_acc, Evp, true);  // dV += P^T dO
+        gemm<T>(Mk, Ep, nq, dpt_tile, kBlockQ, q_tile, Ep, dk_acc, Ep, true);     // dK += dS^T Q
+      }
+    }
+
+    S* dk = grad_key + ((b * sh.kv_heads + hk) * sh.kv_len + j0) * E;
+    S* dv = grad_value + ((b * sh.kv_heads + hk) * sh.kv_len + j0) * Ev;
+    for (int64_t c = 0; c < nk; ++c) {
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) dk[c * E + e] = store<S>(dk_acc[c * Ep + e] * scale);
+#pragma omp simd
+      for (int64_t e = 0; e < Ev; ++e) dv[c * Ev + e] = store<S>(dv_acc[c * Evp + e]);
+    }
+  }
+}
+
+template <class S>
+void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
+  const Inputs& in = args.in;
+  const auto& sh = in.shape;
+  const int64_t E = sh.head_dim, Ev = sh.value_dim;
+  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
+  const int64_t q_blocks = attention::ceil_div(sh.q_len, kBlockQ);
+  const int64_t group = sh.heads / sh.kv_heads;
+  const T scale = T(in.scale);
+
+  using W = Workspace<T>;
+  W ws(W::size_of(kBlockQ * Ep) + W::size_of(kBlockQ * Evp) + W::size_of(E * kBlockK) +
+       W::size_of(Ev * kBlockK) + W::size_of(kBlockK * Ep) + 2 * W::size_of(kBlockQ * kBlockK) +
+       W::size_of(kBlockQ * Ep));
+  if (!ws.ok()) throw std::bad_alloc();
+  T* q_tile = ws.take(kBlockQ * Ep);       // Q [rows][Ep]
+  T* do_tile = ws.take(kBlockQ * Evp);     // dO [rows][Evp]
+  T* kt_tile = ws.take(E * kBlockK);       // K^T [E][keys]
+  T* vt_tile = ws.take(Ev * kBlockK);      // V^T [Ev][keys]
+  T* k_tile = ws.take(kBlockK * Ep);       // K [keys][Ep]
+  T* s_tile = ws.take(kBlockQ * kBlockK);  // S, then P
+  T* dp_tile = ws.take(kBlockQ * kBlockK); // dP, then dS
+  T* dq_acc = ws.take(kBlockQ * Ep);
+
+  const S* query = static_cast<const S*>(in.query);
+  const S* key = static_cast<const S*>(in.key);
+  const S* value = static_cast<const S*>(in.value);
+  const S* grad_out = static_cast<const S*>(args.grad_output);
+  const RowStrides& gs = args.grad_output_strides;
+  const T* lse = static_cast<const T*>(args.logsumexp);
+  const T* dot = static_cast<const T*>(args.row_dot);
+  S* grad_query = static_cast<S*>(args.grad_query);
+
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t bh = unit / q_blocks;
+    const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / group;
+    const int64_t i0 = (unit % q_blocks) * kBlockQ;
+    const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
+    const int64_t Mq = round_up(nq, kRowsPerPanel);
+
+    copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep);
+    zero_rows(q_tile, Ep, nq, Mq);
+    copy_rows(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, do_tile, Evp);
+    zero_rows(do_tile, Evp, nq, Mq);
+    std::memset(dq_acc, 0, sizeof(T) * Mq * Ep);
+    const S* k_head = key + b * in.k.batch + hk * in.k.head;
+    const S* v_head = value + b * in.v.batch + hk * in.v.head;
+    const T* lse_rows = lse + bh * sh.q_len + i0;
+    const T* dot_rows = dot + bh * sh.q_len + i0;
+    const int64_t kv_end = visible_keys(in, i0, nq);
+
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kv_end - j0);
+      const int64_t Nk = round_up(nk, kPanelCols<T>);
+      copy_rows_transposed(k_head + j0 * in.k.row, in.k.row, nk, E, kt_tile, kBlockK);
+      copy_rows_transposed(v_head + j0 * in.v.row, in.v.row, nk, Ev, vt_tile, kBlockK);
+      copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
+      gemm<T>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);    // S
+      gemm<T>(Mq, Nk, Ev, do_tile, Evp, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
+      for (int64_t r = 0; r < nq; ++r) {
+        const int64_t i = i0 + r;
+        T* s = s_tile + r * kBlockK;
+        logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, scale, s);
+        probabilities_and_grad(nk, s, dp_tile + r * kBlockK, lse_rows + r, dot_rows + r, 0);
+      }
+      gemm<T>(Mq, Ep, nk, dp_tile, kBlockK, k_tile, Ep, dq_acc, Ep, true);  // dQ += dS K
+    }
+
+    S* dq = grad_query + (bh * sh.q_len + i0) * E;
+    for (int64_t r = 0; r < nq; ++r) {
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) dq[r * E + e] = store<S>(dq_acc[r * Ep + e] * scale);
+    }
+  }
+}
+
+template <class Args, template <class> class Body>
+void dispatch(const Args& args, int64_t begin, int64_t end) {
+  cpu::dispatch_dtype(args.in.dtype, [&](auto storage) { Body<decltype(storage)>::run(args, begin, end); });
+}
+
+template <class S> struct ForwardBody {
+  static void run(const ForwardArgs& a, int64_t b, int64_t e) { forward_typed<S>(a, b, e); }
+};
+template <class S> struct RowDotBody {
+  static void run(const BackwardArgs& a, int64_t b, int64_t e) { row_dot_typed<S>(a, b, e); }
+};
+template <class S> struct KeyValueBody {
+  static void run(const BackwardArgs& a, int64_t b, int64_t e) { key_value_typed<S>(a, b, e); }
+};
+template <class S> struct QueryBody {
+  static void run(const BackwardArgs& a, int64_t b, int64_t e) { query_typed<S>(a, b, e); }
+};
+
+void forward(const ForwardArgs& a, int64_t b, int64_t e) { dispatch<ForwardArgs, ForwardBody>(a, b, e); }
+void backward_row_dot(const BackwardArgs& a, int64_t b, int64_t e) { dispatch<BackwardArgs, RowDotBody>(a, b, e); }
+void backward_key_value(const BackwardArgs& a, int64_t b, int64_t e) {
+  dispatch<BackwardArgs, KeyValueBody>(a, b, e);
+}
+void backward_query(const BackwardArgs& a, int64_t b, int64_t e) { dispatch<BackwardArgs, QueryBody>(a, b, e); }
+
+}  // namespace
+
+extern const attention::CpuKernels attention_cpu_kernels;
+const attention::CpuKernels attention_cpu_kernels = {&forward, &backward_row_dot, &backward_key_value,
+                                                      &backward_query};
+
+}  // namespace fastlayers::FL_CPU_NS
