@@ -70,7 +70,13 @@ template <class V, class T> FL_INLINE void store_vector(T* p, V v) { std::memcpy
 // dimensions lda/ldb/ldc. M must be a multiple of kRowsPerPanel and N of kPanelCols:
 // callers pass zero-padded tiles. Each 8 x 2-vector block of C stays in 16 registers
 // over the whole K loop (8 broadcasts of A and 2 loads of B per 16 FMAs).
-template <class T>
+// C[M x N] = (accumulate ? C : 0) + A[M x K] B[K x N]; B and C row-major with leading
+// dimensions ldb/ldc; A row-major (A[r * lda + k]) or, with kTransA, stored transposed
+// (A[k * lda + r]), which lets a product read P^T or dS^T from the tile that holds P or
+// dS. M must be a multiple of kRowsPerPanel and N of kPanelCols: callers pass padded
+// tiles. Each 8 x 2-vector block of C stays in 16 registers over the whole K loop
+// (8 broadcasts of A and 2 loads of B per 16 FMAs).
+template <class T, bool kTransA>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
           bool accumulate) {
   using V = typename Vector<T>::type;
@@ -88,12 +94,11 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
           acc1[r] = V{};
         }
       }
-      const T* a = A + i0 * lda;
       for (int64_t k = 0; k < K; ++k) {
         const V b0 = load_vector<V>(B + k * ldb + j0);
         const V b1 = load_vector<V>(B + k * ldb + j0 + L);
         for (int r = 0; r < MR; ++r) {
-          const T ar = a[r * lda + k];
+          const T ar = kTransA ? A[k * lda + i0 + r] : A[(i0 + r) * lda + k];
           acc0[r] += ar * b0;
           acc1[r] += ar * b1;
         }
@@ -105,6 +110,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
     }
   }
 }
+
 
 FL_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -194,8 +200,37 @@ FL_INLINE int64_t visible_keys(const Inputs& in, int64_t i0, int64_t rows) {
   return in.causal ? std::min(in.shape.kv_len, i0 + rows) : in.shape.kv_len;
 }
 
+// Logits of one row of S^T (key j against queries i0 .. i0 + count) in place:
+// s[r] = s[r] * scale + mask(i0 + r, j), -inf where causality hides key j from query i0 + r.
+template <class S, class T>
+FL_INLINE void logits_column(const Inputs& in, const S* mask_column, int64_t i0, int64_t j, int64_t count, T scale,
+                             T* s) {
+  if (mask_column) {
+    const int64_t mi = in.mask_strides[2];
+    for (int64_t r = 0; r < count; ++r) s[r] = s[r] * scale + T(load(mask_column[r * mi]));
+  } else {
+#pragma omp simd
+    for (int64_t r = 0; r < count; ++r) s[r] = s[r] * scale;
+  }
+  if (in.causal) {  // query i0 + r sees key j iff r >= j - i0
+    const int64_t hidden = std::min(count, std::max<int64_t>(0, j - i0));
+    for (int64_t r = 0; r < hidden; ++r) s[r] = kNegInf<T>;
+  }
+}
+
+// mask(i0, j) for the column walk above, or null.
+template <class S>
+const S* mask_column_ptr(const Inputs& in, int64_t b, int64_t h, int64_t i0, int64_t j) {
+  if (!in.mask) return nullptr;
+  const int64_t* ms = in.mask_strides;
+  return static_cast<const S*>(in.mask) + b * ms[0] + h * ms[1] + i0 * ms[2] + j * ms[3];
+}
+
 // ---- forward ----------------------------------------------------------------------------
 
+// The forward works on S^T (keys x queries): Q^T is transposed once per unit, K and V
+// tiles are plain row copies, the online softmax runs down the columns (vectorized over
+// queries), and O += P V reads P from S^T through the transposed-A GEMM.
 template <class S>
 void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   using T = compute_t<S>;
@@ -208,16 +243,19 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const T scale = T(in.scale);
 
   using W = Workspace<T>;
-  W ws(W::size_of(kBlockQ * Ep) + W::size_of(E * kBlockK) + W::size_of(kBlockK * Evp) +
-       W::size_of(kBlockQ * kBlockK) + W::size_of(kBlockQ * Evp) + 2 * W::size_of(kBlockQ));
+  W ws(W::size_of(E * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) +
+       W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Evp) + 5 * W::size_of(kBlockQ));
   if (!ws.ok()) throw std::bad_alloc();
-  T* q_tile = ws.take(kBlockQ * Ep);      // Q [rows][Ep]
-  T* kt_tile = ws.take(E * kBlockK);      // K^T [E][kBlockK]
-  T* v_tile = ws.take(kBlockK * Evp);     // V [keys][Evp]
-  T* s_tile = ws.take(kBlockQ * kBlockK); // S, then P
-  T* o_acc = ws.take(kBlockQ * Evp);      // unnormalized O
+  T* qt_tile = ws.take(E * kBlockQ);       // Q^T [E][queries]
+  T* k_tile = ws.take(kBlockK * Ep);       // K [keys][Ep]
+  T* v_tile = ws.take(kBlockK * Evp);      // V [keys][Evp]
+  T* st_tile = ws.take(kBlockK * kBlockQ); // S^T, then P^T
+  T* o_acc = ws.take(kBlockQ * Evp);       // unnormalized O
   T* row_max = ws.take(kBlockQ);
   T* row_sum = ws.take(kBlockQ);
+  T* new_max = ws.take(kBlockQ);
+  T* tile_sum = ws.take(kBlockQ);
+  T* alpha = ws.take(kBlockQ);
 
   const S* query = static_cast<const S*>(in.query);
   const S* key = static_cast<const S*>(in.key);
@@ -231,13 +269,13 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     const int64_t i0 = (unit % q_blocks) * kBlockQ;
     const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
     const int64_t Mq = round_up(nq, kRowsPerPanel);
+    const int64_t Nq = round_up(nq, kPanelCols<T>);
 
-    copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep);
-    zero_rows(q_tile, Ep, nq, Mq);
+    copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ);
     std::memset(o_acc, 0, sizeof(T) * Mq * Evp);
-    for (int64_t i = 0; i < nq; ++i) {
-      row_max[i] = kNegInf<T>;
-      row_sum[i] = T(0);
+    for (int64_t r = 0; r < nq; ++r) {
+      row_max[r] = kNegInf<T>;
+      row_sum[r] = T(0);
     }
     const S* k_head = key + b * in.k.batch + hk * in.k.head;
     const S* v_head = value + b * in.v.batch + hk * in.v.head;
@@ -245,42 +283,45 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
 
     for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kv_end - j0);
-      const int64_t Nk = round_up(nk, kPanelCols<T>);
-      copy_rows_transposed(k_head + j0 * in.k.row, in.k.row, nk, E, kt_tile, kBlockK);
+      const int64_t Mk = round_up(nk, kRowsPerPanel);
+      copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
       copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
-      gemm<T>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);
+      // Rows nk..Mk of S^T come from stale K rows and are never read below.
+      gemm<T, false>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, st_tile, kBlockQ, false);
 
-      for (int64_t r = 0; r < nq; ++r) {
-        const int64_t i = i0 + r;
-        T* s = s_tile + r * kBlockK;
-        logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, scale, s);
-        T tile_max = kNegInf<T>;
-#pragma omp simd reduction(max : tile_max)
-        for (int64_t j = 0; j < nk; ++j) tile_max = std::max(tile_max, s[j]);
-        const T m_new = std::max(row_max[r], tile_max);
-        if (m_new == kNegInf<T>) {  // nothing visible yet in this row: P = 0
-          std::memset(s, 0, sizeof(T) * nk);
-          continue;
-        }
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < nk; ++j) {
-          const T p = math::exp(s[j] - m_new);  // exp(-inf) == 0 exactly
-          s[j] = p;
-          sum += p;
-        }
-        const T alpha = math::exp(row_max[r] - m_new);
-        row_max[r] = m_new;
-        row_sum[r] = row_sum[r] * alpha + sum;
-        if (alpha != T(1)) {
-          T* o = o_acc + r * Evp;
+      for (int64_t r = 0; r < nq; ++r) new_max[r] = row_max[r];
+      for (int64_t c = 0; c < nk; ++c) {
+        T* s = st_tile + c * kBlockQ;
+        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, scale, s);
 #pragma omp simd
-          for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha;
+        for (int64_t r = 0; r < nq; ++r) new_max[r] = std::max(new_max[r], s[r]);
+      }
+#pragma omp simd
+      for (int64_t r = 0; r < nq; ++r) {
+        // A row that has seen no key yet keeps m = -inf, l = 0, O = 0 and gets P = 0.
+        alpha[r] = new_max[r] == kNegInf<T> ? T(1) : math::exp(row_max[r] - new_max[r]);
+        tile_sum[r] = T(0);
+      }
+      for (int64_t c = 0; c < nk; ++c) {
+        T* s = st_tile + c * kBlockQ;
+#pragma omp simd
+        for (int64_t r = 0; r < nq; ++r) {
+          const T p = new_max[r] == kNegInf<T> ? T(0) : math::exp(s[r] - new_max[r]);  // exp(-inf) == 0
+          s[r] = p;
+          tile_sum[r] += p;
         }
       }
-      // Rows nq..Mq of P multiply zero query rows' garbage-free tiles; their output is
-      // never read. P's columns beyond nk are outside the K range of this product.
-      gemm<T>(Mq, Evp, nk, s_tile, kBlockK, v_tile, Evp, o_acc, Evp, true);
+      for (int64_t r = 0; r < nq; ++r) {
+        row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+        row_max[r] = new_max[r];
+        if (alpha[r] != T(1)) {
+          T* o = o_acc + r * Evp;
+#pragma omp simd
+          for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha[r];
+        }
+      }
+      // O += P V; P's columns nq..Mq (stale) only feed O rows that are never written out.
+      gemm<T, true>(Mq, Evp, nk, st_tile, kBlockQ, v_tile, Evp, o_acc, Evp, true);
     }
 
     S* out = output + ((b * sh.heads + h) * sh.q_len + i0) * Ev;
@@ -336,6 +377,9 @@ FL_INLINE void probabilities_and_grad(int64_t count, T* s, T* dp, const T* lse, 
   }
 }
 
+// dK, dV for one key block (the unit): K^T and V^T are transposed once per unit; each
+// query block gives S = Q K^T and dP = dO V^T in row layout, then dV += P^T dO and
+// dK += dS^T Q read P and dS transposed.
 template <class S>
 void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   using T = compute_t<S>;
@@ -348,18 +392,16 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const T scale = T(in.scale);
 
   using W = Workspace<T>;
-  W ws(W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) + W::size_of(kBlockQ * Ep) +
-       W::size_of(E * kBlockQ) + W::size_of(kBlockQ * Evp) + W::size_of(Ev * kBlockQ) +
-       2 * W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp));
+  W ws(W::size_of(E * kBlockK) + W::size_of(Ev * kBlockK) + W::size_of(kBlockQ * Ep) +
+       W::size_of(kBlockQ * Evp) + 2 * W::size_of(kBlockQ * kBlockK) + W::size_of(kBlockK * Ep) +
+       W::size_of(kBlockK * Evp));
   if (!ws.ok()) throw std::bad_alloc();
-  T* k_tile = ws.take(kBlockK * Ep);        // K [keys][Ep]
-  T* v_tile = ws.take(kBlockK * Evp);       // V [keys][Evp]
-  T* q_tile = ws.take(kBlockQ * Ep);        // Q [rows][Ep]
-  T* qt_tile = ws.take(E * kBlockQ);        // Q^T [E][rows]
-  T* do_tile = ws.take(kBlockQ * Evp);      // dO [rows][Evp]
-  T* dot_tile = ws.take(Ev * kBlockQ);      // dO^T [Ev][rows]
-  T* pt_tile = ws.take(kBlockK * kBlockQ);  // S^T, then P^T
-  T* dpt_tile = ws.take(kBlockK * kBlockQ); // dP^T, then dS^T
+  T* kt_tile = ws.take(E * kBlockK);       // K^T [E][keys]
+  T* vt_tile = ws.take(Ev * kBlockK);      // V^T [Ev][keys]
+  T* q_tile = ws.take(kBlockQ * Ep);       // Q [queries][Ep]
+  T* do_tile = ws.take(kBlockQ * Evp);     // dO [queries][Evp]
+  T* s_tile = ws.take(kBlockQ * kBlockK);  // S, then P
+  T* dp_tile = ws.take(kBlockQ * kBlockK); // dP, then dS
   T* dk_acc = ws.take(kBlockK * Ep);
   T* dv_acc = ws.take(kBlockK * Evp);
 
@@ -379,11 +421,11 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     const int64_t j0 = (unit % k_blocks) * kBlockK;
     const int64_t nk = std::min(kBlockK, sh.kv_len - j0);
     const int64_t Mk = round_up(nk, kRowsPerPanel);
+    const int64_t Nk = round_up(nk, kPanelCols<T>);
 
-    copy_rows(key + b * in.k.batch + hk * in.k.head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
-    zero_rows(k_tile, Ep, nk, Mk);
-    copy_rows(value + b * in.v.batch + hk * in.v.head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
-    zero_rows(v_tile, Evp, nk, Mk);
+    copy_rows_transposed(key + b * in.k.batch + hk * in.k.head + j0 * in.k.row, in.k.row, nk, E, kt_tile, kBlockK);
+    copy_rows_transposed(value + b * in.v.batch + hk * in.v.head + j0 * in.v.row, in.v.row, nk, Ev, vt_tile,
+                         kBlockK);
     std::memset(dk_acc, 0, sizeof(T) * Mk * Ep);
     std::memset(dv_acc, 0, sizeof(T) * Mk * Evp);
     // Causal: query i sees key j iff j <= i, so rows before j0 see none of this block.
@@ -393,39 +435,23 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       const int64_t bh = b * sh.heads + h;
       for (int64_t i0 = first_block * kBlockQ; i0 < sh.q_len; i0 += kBlockQ) {
         const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
-        const int64_t Nq = round_up(nq, kPanelCols<T>);
-        const S* q_rows = query + b * in.q.batch + h * in.q.head + i0 * in.q.row;
-        const S* g_rows = grad_out + b * gs.batch + h * gs.head + i0 * gs.row;
-        copy_rows(q_rows, in.q.row, nq, E, q_tile, Ep);
-        copy_rows_transposed(q_rows, in.q.row, nq, E, qt_tile, kBlockQ);
-        copy_rows(g_rows, gs.row, nq, Ev, do_tile, Evp);
-        copy_rows_transposed(g_rows, gs.row, nq, Ev, dot_tile, kBlockQ);
-
-        gemm<T>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, pt_tile, kBlockQ, false);     // S^T
-        gemm<T>(Mk, Nq, Ev, v_tile, Evp, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
+        const int64_t Mq = round_up(nq, kRowsPerPanel);
+        copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep);
+        copy_rows(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, do_tile, Evp);
+        // Rows nq..Mq (stale Q, dO) give S, dP rows that no product below reads.
+        gemm<T, false>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);     // S
+        gemm<T, false>(Mq, Nk, Ev, do_tile, Evp, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
         const T* lse_rows = lse + bh * sh.q_len + i0;
         const T* dot_rows = dot + bh * sh.q_len + i0;
-        const int64_t* ms = in.mask_strides;
-        const S* mask_block =
-            in.mask ? static_cast<const S*>(in.mask) + b * ms[0] + h * ms[1] + i0 * ms[2] + j0 * ms[3] : nullptr;
-        for (int64_t c = 0; c < nk; ++c) {  // row c of S^T: key j0 + c against the nq queries
-          T* s = pt_tile + c * kBlockQ;
-          if (mask_block) {
-            const S* m = mask_block + c * ms[3];
-            const int64_t mi = ms[2];
-            for (int64_t r = 0; r < nq; ++r) s[r] = s[r] * scale + T(load(m[r * mi]));
-          } else {
-#pragma omp simd
-            for (int64_t r = 0; r < nq; ++r) s[r] = s[r] * scale;
-          }
-          if (in.causal) {  // query i0 + r sees key j0 + c iff r >= j0 + c - i0
-            const int64_t hidden = std::min(nq, std::max<int64_t>(0, j0 + c - i0));
-            for (int64_t r = 0; r < hidden; ++r) s[r] = kNegInf<T>;
-          }
-          probabilities_and_grad(nq, s, dpt_tile + c * kBlockQ, lse_rows, dot_rows, 1);
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t i = i0 + r;
+          T* s = s_tile + r * kBlockK;
+          logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, scale, s);
+          probabilities_and_grad(nk, s, dp_tile + r * kBlockK, lse_rows + r, dot_rows + r, 0);
         }
-        gemm<T>(Mk, Evp, nq, pt_tile, kBlockQ, do_tile, Evp, dv_acc, Evp, true);  // dV += P^T dO
-        gemm<T>(Mk, Ep, nq, dpt_tile, kBlockQ, q_tile, Ep, dk_acc, Ep, true);     // dK += dS^T Q
+        // P and dS columns nk..Mk (unprocessed) only feed dK/dV rows that are never written out.
+        gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_tile, Evp, dv_acc, Evp, true);  // dV += P^T dO
+        gemm<T, true>(Mk, Ep, nq, dp_tile, kBlockK, q_tile, Ep, dk_acc, Ep, true);     // dK += dS^T Q
       }
     }
 
@@ -440,6 +466,8 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   }
 }
 
+// dQ for one query block (the unit): Q^T and dO^T are transposed once per unit; each key
+// block gives S^T = K Q^T and dP^T = V dO^T, then dQ += dS K reads dS from dS^T.
 template <class S>
 void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   using T = compute_t<S>;
@@ -452,17 +480,15 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const T scale = T(in.scale);
 
   using W = Workspace<T>;
-  W ws(W::size_of(kBlockQ * Ep) + W::size_of(kBlockQ * Evp) + W::size_of(E * kBlockK) +
-       W::size_of(Ev * kBlockK) + W::size_of(kBlockK * Ep) + 2 * W::size_of(kBlockQ * kBlockK) +
-       W::size_of(kBlockQ * Ep));
+  W ws(W::size_of(E * kBlockQ) + W::size_of(Ev * kBlockQ) + W::size_of(kBlockK * Ep) +
+       W::size_of(kBlockK * Evp) + 2 * W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Ep));
   if (!ws.ok()) throw std::bad_alloc();
-  T* q_tile = ws.take(kBlockQ * Ep);       // Q [rows][Ep]
-  T* do_tile = ws.take(kBlockQ * Evp);     // dO [rows][Evp]
-  T* kt_tile = ws.take(E * kBlockK);       // K^T [E][keys]
-  T* vt_tile = ws.take(Ev * kBlockK);      // V^T [Ev][keys]
-  T* k_tile = ws.take(kBlockK * Ep);       // K [keys][Ep]
-  T* s_tile = ws.take(kBlockQ * kBlockK);  // S, then P
-  T* dp_tile = ws.take(kBlockQ * kBlockK); // dP, then dS
+  T* qt_tile = ws.take(E * kBlockQ);        // Q^T [E][queries]
+  T* dot_tile = ws.take(Ev * kBlockQ);      // dO^T [Ev][queries]
+  T* k_tile = ws.take(kBlockK * Ep);        // K [keys][Ep]
+  T* v_tile = ws.take(kBlockK * Evp);       // V [keys][Evp]
+  T* st_tile = ws.take(kBlockK * kBlockQ);  // S^T, then P^T
+  T* dpt_tile = ws.take(kBlockK * kBlockQ); // dP^T, then dS^T
   T* dq_acc = ws.take(kBlockQ * Ep);
 
   const S* query = static_cast<const S*>(in.query);
@@ -480,11 +506,10 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     const int64_t i0 = (unit % q_blocks) * kBlockQ;
     const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
     const int64_t Mq = round_up(nq, kRowsPerPanel);
+    const int64_t Nq = round_up(nq, kPanelCols<T>);
 
-    copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep);
-    zero_rows(q_tile, Ep, nq, Mq);
-    copy_rows(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, do_tile, Evp);
-    zero_rows(do_tile, Evp, nq, Mq);
+    copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ);
+    copy_rows_transposed(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, dot_tile, kBlockQ);
     std::memset(dq_acc, 0, sizeof(T) * Mq * Ep);
     const S* k_head = key + b * in.k.batch + hk * in.k.head;
     const S* v_head = value + b * in.v.batch + hk * in.v.head;
@@ -494,19 +519,19 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
 
     for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kv_end - j0);
-      const int64_t Nk = round_up(nk, kPanelCols<T>);
-      copy_rows_transposed(k_head + j0 * in.k.row, in.k.row, nk, E, kt_tile, kBlockK);
-      copy_rows_transposed(v_head + j0 * in.v.row, in.v.row, nk, Ev, vt_tile, kBlockK);
+      const int64_t Mk = round_up(nk, kRowsPerPanel);
       copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
-      gemm<T>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);    // S
-      gemm<T>(Mq, Nk, Ev, do_tile, Evp, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
-      for (int64_t r = 0; r < nq; ++r) {
-        const int64_t i = i0 + r;
-        T* s = s_tile + r * kBlockK;
-        logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, scale, s);
-        probabilities_and_grad(nk, s, dp_tile + r * kBlockK, lse_rows + r, dot_rows + r, 0);
+      copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
+      // Rows nk..Mk (stale K, V) give S^T, dP^T rows that no product below reads.
+      gemm<T, false>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, st_tile, kBlockQ, false);     // S^T
+      gemm<T, false>(Mk, Nq, Ev, v_tile, Evp, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
+      for (int64_t c = 0; c < nk; ++c) {
+        T* s = st_tile + c * kBlockQ;
+        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, scale, s);
+        probabilities_and_grad(nq, s, dpt_tile + c * kBlockQ, lse_rows, dot_rows, 1);
       }
-      gemm<T>(Mq, Ep, nk, dp_tile, kBlockK, k_tile, Ep, dq_acc, Ep, true);  // dQ += dS K
+      // dS columns nq..Mq (unprocessed) only feed dQ rows that are never written out.
+      gemm<T, true>(Mq, Ep, nk, dpt_tile, kBlockQ, k_tile, Ep, dq_acc, Ep, true);  // dQ += dS K
     }
 
     S* dq = grad_query + (bh * sh.q_len + i0) * E;
@@ -516,6 +541,7 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     }
   }
 }
+
 
 template <class Args, template <class> class Body>
 void dispatch(const Args& args, int64_t begin, int64_t end) {
