@@ -20,7 +20,7 @@ from fastlayers.ops.attention import (
     lse_dtype,
     scaled_dot_product_attention_reference,
 )
-from helpers import assert_no_worse_than_torch, cpu_isas, devices, requires_extension
+from helpers import assert_no_worse_than_torch, cpu_isas, devices, requires_cuda_kernels, requires_extension
 
 pytestmark = requires_extension
 
@@ -99,12 +99,13 @@ OP_CASES = [
 OP_IDS = [f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}-E{c[5]}-Ev{c[6]}-{'causal' if c[7] else 'full'}-{c[8]}" for c in OP_CASES]
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", OP_CASES, ids=OP_IDS)
-def test_op_forward_and_backward_match_float64_reference(case, dtype):
+def test_op_forward_and_backward_match_float64_reference(case, dtype, device):
     B, H, Hkv, Lq, Lk, E, Ev, causal, kind, mshape = case
-    q, k, v = _qkv(B, H, Hkv, Lq, Lk, E, Ev, dtype)
-    mask = _mask(kind, mshape, dtype)
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, E, Ev, dtype, device)
+    mask = _mask(kind, mshape, dtype, device)
     scale = 1 / math.sqrt(E)
     out, lse = flash(q, k, v, mask, causal, scale)
     grad_out = torch.randn_like(out)
@@ -133,13 +134,14 @@ def test_every_cpu_isa_computes_the_same_result(cpu_isa, case):
         assert_close_scaled(g, g_ref, torch.float32, cpu_isa)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", OP_CASES[:4], ids=OP_IDS[:4])
-def test_low_precision_error_is_at_most_twice_torchs(case, dtype):
+def test_low_precision_error_is_at_most_twice_torchs(case, dtype, device):
     """float32 accumulation: no more than 2x the error of torch's SDPA in the same dtype."""
     B, H, Hkv, Lq, Lk, E, Ev, causal, kind, mshape = case
-    q, k, v = _qkv(B, H, Hkv, Lq, Lk, E, Ev, dtype)
-    mask = _mask(kind, mshape, dtype)
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, E, Ev, dtype, device)
+    mask = _mask(kind, mshape, dtype, device)
     scale = 1 / math.sqrt(E)
     q_, k_, v_ = (t.requires_grad_() for t in (q, k, v))
     ours = sdpa(q_, k_, v_, mask, is_causal=causal, scale=scale, enable_gqa=True)
@@ -152,6 +154,25 @@ def test_low_precision_error_is_at_most_twice_torchs(case, dtype):
     assert_no_worse_than_torch(ours, native, o_ref, floor=1e-3)
     for g, g_native, g_ref in zip(ours_grads, native_grads, grads_ref):
         assert_no_worse_than_torch(g, g_native, g_ref, floor=1e-3)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda_kernels])])
+def test_cuda_backward_is_bitwise_reproducible(device):
+    q, k, v = _qkv(2, 4, 2, 150, 170, 32, 32, torch.float32, device)
+    out, lse = flash(q, k, v, None, True, 0.2)
+    grad_out = torch.randn_like(out)
+    first = flash_backward(grad_out, q, k, v, out, lse, None, True, 0.2)
+    second = flash_backward(grad_out, q, k, v, out, lse, None, True, 0.2)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda_kernels])])
+def test_cuda_head_dims_above_256_run_the_reference(device):
+    q, k, v = torch.randn(1, 2, 20, 320, device=device), torch.randn(1, 2, 30, 320, device=device), torch.randn(1, 2, 30, 320, device=device)
+    with pytest.raises(RuntimeError, match="head and value dims up to 256"):
+        flash(q, k, v, None, False, 0.1)
+    _check_sdpa_parity(q, k, v, torch.float32)
 
 
 def test_backward_is_deterministic_for_any_thread_count():
@@ -181,9 +202,10 @@ def test_strided_and_broadcast_inputs_give_the_dense_result():
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
-def test_rows_that_see_no_key_give_zero_output_and_gradients_as_torch():
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 6, 9, 8, 8, torch.float64))
-    mask = torch.rand(6, 9) > 0.4
+@pytest.mark.parametrize("device", devices())
+def test_rows_that_see_no_key_give_zero_output_and_gradients_as_torch(device):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 6, 9, 8, 8, torch.float64, device))
+    mask = torch.rand(6, 9, device=device) > 0.4
     mask[2] = False
     mask[5] = False
     ours = sdpa(q, k, v, mask)

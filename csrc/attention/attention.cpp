@@ -6,11 +6,10 @@
 
 #include <limits>
 
-#include "attention/attention_kernel.h"
+#include "attention/attention.h"
 #include "common/torch_utils.h"
 
 namespace fastlayers::attention {
-namespace {
 
 void check_same(const at::Tensor& t, const at::Tensor& query, const char* op, const char* name) {
   TORCH_CHECK(t.device() == query.device(), op, ": ", name, " is on ", t.device(), " but query is on ",
@@ -19,7 +18,6 @@ void check_same(const at::Tensor& t, const at::Tensor& query, const char* op, co
                    " does not match query dtype ", query.scalar_type());
 }
 
-// Validates query/key/value/mask and returns the shape.
 Shape check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                    const std::optional<at::Tensor>& attn_mask, const char* op) {
   kernel_dtype(query, op, "query");
@@ -68,16 +66,12 @@ Shape check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Ten
   return s;
 }
 
-// Rows must be contiguous (stride 1 in the last dimension); anything else is copied.
 at::Tensor rows_contiguous(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
 RowStrides row_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// The mask as an additive tensor of the query's dtype, viewed (B, H, Lq, Lk) with
-// stride 0 along broadcast dimensions: no copy for a float mask, and a bool mask is
-// converted at its own (unbroadcast) size.
 at::Tensor additive_mask(const at::Tensor& mask, const at::Tensor& query, const Shape& s) {
   at::Tensor m = mask;
   if (m.scalar_type() == at::kBool) {
@@ -111,6 +105,30 @@ at::ScalarType lse_dtype(const at::Tensor& query) {
   return query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+Shape check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+                            const std::optional<at::Tensor>& attn_mask, const char* op) {
+  const Shape s = check_inputs(query, key, value, attn_mask, op);
+  const std::vector<int64_t> out_shape = {s.batch, s.heads, s.q_len, s.value_dim};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), op, ": grad_output must have shape ",
+              at::IntArrayRef(out_shape), ", got ", grad_output.sizes());
+  TORCH_CHECK(output.sizes() == at::IntArrayRef(out_shape), op, ": output must have shape ",
+              at::IntArrayRef(out_shape), ", got ", output.sizes());
+  check_same(grad_output, query, op, "grad_output");
+  check_same(output, query, op, "output");
+  TORCH_CHECK(logsumexp.sizes() == at::IntArrayRef({s.batch, s.heads, s.q_len}), op,
+              ": logsumexp must have shape (batch, heads, query length) = ",
+              at::IntArrayRef({s.batch, s.heads, s.q_len}), ", got ", logsumexp.sizes());
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == lse_dtype(query), op, ": logsumexp must be ",
+                   lse_dtype(query), " for ", query.scalar_type(), " inputs, got ", logsumexp.scalar_type());
+  TORCH_CHECK(logsumexp.device() == query.device(), op, ": logsumexp is on ", logsumexp.device(),
+              " but query is on ", query.device());
+
+  return s;
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, const at::Tensor& key,
                                                        const at::Tensor& value,
                                                        const std::optional<at::Tensor>& attn_mask, bool is_causal,
@@ -136,22 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& output, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
     bool is_causal, double scale) {
   const char* op = "flash_attention_backward";
-  const Shape s = check_inputs(query, key, value, attn_mask, op);
-  const std::vector<int64_t> out_shape = {s.batch, s.heads, s.q_len, s.value_dim};
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), op, ": grad_output must have shape ",
-              at::IntArrayRef(out_shape), ", got ", grad_output.sizes());
-  TORCH_CHECK(output.sizes() == at::IntArrayRef(out_shape), op, ": output must have shape ",
-              at::IntArrayRef(out_shape), ", got ", output.sizes());
-  check_same(grad_output, query, op, "grad_output");
-  check_same(output, query, op, "output");
-  TORCH_CHECK(logsumexp.sizes() == at::IntArrayRef({s.batch, s.heads, s.q_len}), op,
-              ": logsumexp must have shape (batch, heads, query length) = ",
-              at::IntArrayRef({s.batch, s.heads, s.q_len}), ", got ", logsumexp.sizes());
-  TORCH_CHECK_TYPE(logsumexp.scalar_type() == lse_dtype(query), op, ": logsumexp must be ",
-                   lse_dtype(query), " for ", query.scalar_type(), " inputs, got ", logsumexp.scalar_type());
-  TORCH_CHECK(logsumexp.device() == query.device(), op, ": logsumexp is on ", logsumexp.device(),
-              " but query is on ", query.device());
-
+  const Shape s = check_backward_inputs(grad_output, query, key, value, output, logsumexp, attn_mask, op);
   at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
   at::Tensor g = rows_contiguous(grad_output);
   at::Tensor o = output.contiguous(), lse = logsumexp.contiguous();

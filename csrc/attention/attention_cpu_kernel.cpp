@@ -59,11 +59,9 @@ constexpr int kRowsPerPanel = 8;       // MR: rows of C per register block
 constexpr int kVectorsPerPanel = 2;    // NR = 2 vectors of columns
 template <class T> constexpr int64_t kPanelCols = kVectorsPerPanel * Vector<T>::kLanes;
 
-template <class V, class T> FL_INLINE V load_vector(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
+// By reference rather than returned: returning a 32-byte vector from a function is an
+// ABI question on the base ISA (g++ -Wpsabi), though these are always inlined.
+template <class V, class T> FL_INLINE void load_vector(V& v, const T* p) { std::memcpy(&v, p, sizeof(V)); }
 template <class V, class T> FL_INLINE void store_vector(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 
 // C[M x N] = (accumulate ? C : 0) + A[M x K] B[K x N], all row-major with leading
@@ -87,16 +85,17 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
       V acc0[MR], acc1[MR];
       for (int r = 0; r < MR; ++r) {
         if (accumulate) {
-          acc0[r] = load_vector<V>(C + (i0 + r) * ldc + j0);
-          acc1[r] = load_vector<V>(C + (i0 + r) * ldc + j0 + L);
+          load_vector(acc0[r], C + (i0 + r) * ldc + j0);
+          load_vector(acc1[r], C + (i0 + r) * ldc + j0 + L);
         } else {
           acc0[r] = V{};
           acc1[r] = V{};
         }
       }
       for (int64_t k = 0; k < K; ++k) {
-        const V b0 = load_vector<V>(B + k * ldb + j0);
-        const V b1 = load_vector<V>(B + k * ldb + j0 + L);
+        V b0, b1;
+        load_vector(b0, B + k * ldb + j0);
+        load_vector(b1, B + k * ldb + j0 + L);
         for (int r = 0; r < MR; ++r) {
           const T ar = kTransA ? A[k * lda + i0 + r] : A[(i0 + r) * lda + k];
           acc0[r] += ar * b0;

@@ -85,6 +85,15 @@ struct CpuKernels {
   void (*backward_query)(const BackwardArgs& args, int64_t unit_begin, int64_t unit_end);
 };
 
+#if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
+// The CUDA kernels (attention_cuda_kernel.cu) take head and value dims up to this.
+constexpr int64_t kCudaMaxHeadDim = 256;
+// Each returns a cudaError_t as int (0 = success); `stream` is a cudaStream_t. The
+// backward writes args.row_dot first, then dK/dV and dQ.
+int launch_forward_cuda(const ForwardArgs& args, void* stream);
+int launch_backward_cuda(const BackwardArgs& args, void* stream);
+#endif
+
 }  // namespace fastlayers::attention
 
 FL_DECLARE_CPU_KERNEL_TABLE(fastlayers::attention::CpuKernels, attention_cpu_kernels)

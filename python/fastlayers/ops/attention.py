@@ -23,6 +23,8 @@ import torch
 from fastlayers import _extension, backend
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Head and value dims the CUDA kernels take (attention_kernel.h: kCudaMaxHeadDim); the CPU kernels take any.
+CUDA_MAX_HEAD_DIM = 256
 # torch's C++ names, for messages worded like torch's own.
 _TORCH_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}
 
@@ -315,10 +317,14 @@ def scaled_dot_product_attention(
     memory) for ``dropout_p > 0`` (the kernel has no dropout yet), for a float
     ``attn_mask`` that requires grad (the kernel computes no mask gradient), for dtypes
     other than float32/float64/float16/bfloat16, and on devices without fastlayers
-    attention kernels (CUDA for now).
+    attention kernels; on CUDA also for head or value dims above 256.
     """
     check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
-    needs_reference = dropout_p > 0.0 or (attn_mask is not None and attn_mask.requires_grad)
+    needs_reference = (
+        dropout_p > 0.0
+        or (attn_mask is not None and attn_mask.requires_grad)
+        or (query.device.type == "cuda" and max(query.shape[-1], value.shape[-1]) > CUDA_MAX_HEAD_DIM)
+    )
     if needs_reference or not _kernel_runs_on(query.device) or query.dtype not in _SUPPORTED_DTYPES:
         return scaled_dot_product_attention_reference(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
