@@ -150,12 +150,14 @@ void copy_rows(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst,
   }
 }
 
-// The transpose: dst[c * ld + r] = src[r][c].
+// The transpose, times `factor`: dst[c * ld + r] = factor * src[r][c]. Staging Q^T (or
+// K^T) pre-scaled puts the softmax scale into the score GEMM at no cost.
 template <class S, class T>
-void copy_rows_transposed(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+void copy_rows_transposed(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst, int64_t ld,
+                          T factor = T(1)) {
   for (int64_t r = 0; r < rows; ++r) {
     const S* s = src + r * stride;
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = T(load(s[c]));
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = factor * T(load(s[c]));
   }
 }
 
@@ -165,22 +167,18 @@ template <class T> void zero_rows(T* dst, int64_t ld, int64_t row_begin, int64_t
 
 template <class T> constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-// The logits of one tile row in place: s[j] = s[j] * scale + mask(i, j0 + j), -inf
-// where causality hides key j0 + j from query i.
+// The logits of one tile row of (already scaled) scores in place: s[j] += mask(i, j0 + j),
+// -inf where causality hides key j0 + j from query i.
 template <class S, class T>
-FL_INLINE void logits_row(const Inputs& in, const S* mask_row, int64_t i, int64_t j0, int64_t count, T scale,
-                          T* s) {
+FL_INLINE void logits_row(const Inputs& in, const S* mask_row, int64_t i, int64_t j0, int64_t count, T* s) {
   if (mask_row) {
     const int64_t mj = in.mask_strides[3];
     if (mj == 1) {
 #pragma omp simd
-      for (int64_t j = 0; j < count; ++j) s[j] = s[j] * scale + T(load(mask_row[j0 + j]));
+      for (int64_t j = 0; j < count; ++j) s[j] += T(load(mask_row[j0 + j]));
     } else {
-      for (int64_t j = 0; j < count; ++j) s[j] = s[j] * scale + T(load(mask_row[(j0 + j) * mj]));
+      for (int64_t j = 0; j < count; ++j) s[j] += T(load(mask_row[(j0 + j) * mj]));
     }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < count; ++j) s[j] = s[j] * scale;
   }
   if (in.causal && j0 + count - 1 > i) {
     for (int64_t j = std::max<int64_t>(0, i + 1 - j0); j < count; ++j) s[j] = kNegInf<T>;
@@ -199,17 +197,14 @@ FL_INLINE int64_t visible_keys(const Inputs& in, int64_t i0, int64_t rows) {
   return in.causal ? std::min(in.shape.kv_len, i0 + rows) : in.shape.kv_len;
 }
 
-// Logits of one row of S^T (key j against queries i0 .. i0 + count) in place:
-// s[r] = s[r] * scale + mask(i0 + r, j), -inf where causality hides key j from query i0 + r.
+// Logits of one row of S^T (key j against queries i0 .. i0 + count, scores already
+// scaled) in place: s[r] += mask(i0 + r, j), -inf where causality hides key j from
+// query i0 + r.
 template <class S, class T>
-FL_INLINE void logits_column(const Inputs& in, const S* mask_column, int64_t i0, int64_t j, int64_t count, T scale,
-                             T* s) {
+FL_INLINE void logits_column(const Inputs& in, const S* mask_column, int64_t i0, int64_t j, int64_t count, T* s) {
   if (mask_column) {
     const int64_t mi = in.mask_strides[2];
-    for (int64_t r = 0; r < count; ++r) s[r] = s[r] * scale + T(load(mask_column[r * mi]));
-  } else {
-#pragma omp simd
-    for (int64_t r = 0; r < count; ++r) s[r] = s[r] * scale;
+    for (int64_t r = 0; r < count; ++r) s[r] += T(load(mask_column[r * mi]));
   }
   if (in.causal) {  // query i0 + r sees key j iff r >= j - i0
     const int64_t hidden = std::min(count, std::max<int64_t>(0, j - i0));
@@ -270,7 +265,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     const int64_t Mq = round_up(nq, kRowsPerPanel);
     const int64_t Nq = round_up(nq, kPanelCols<T>);
 
-    copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ);
+    copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ,
+                         scale);
     std::memset(o_acc, 0, sizeof(T) * Mq * Evp);
     for (int64_t r = 0; r < nq; ++r) {
       row_max[r] = kNegInf<T>;
@@ -291,7 +287,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       for (int64_t r = 0; r < nq; ++r) new_max[r] = row_max[r];
       for (int64_t c = 0; c < nk; ++c) {
         T* s = st_tile + c * kBlockQ;
-        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, scale, s);
+        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, s);
 #pragma omp simd
         for (int64_t r = 0; r < nq; ++r) new_max[r] = std::max(new_max[r], s[r]);
       }
@@ -422,7 +418,8 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     const int64_t Mk = round_up(nk, kRowsPerPanel);
     const int64_t Nk = round_up(nk, kPanelCols<T>);
 
-    copy_rows_transposed(key + b * in.k.batch + hk * in.k.head + j0 * in.k.row, in.k.row, nk, E, kt_tile, kBlockK);
+    copy_rows_transposed(key + b * in.k.batch + hk * in.k.head + j0 * in.k.row, in.k.row, nk, E, kt_tile, kBlockK,
+                         scale);
     copy_rows_transposed(value + b * in.v.batch + hk * in.v.head + j0 * in.v.row, in.v.row, nk, Ev, vt_tile,
                          kBlockK);
     std::memset(dk_acc, 0, sizeof(T) * Mk * Ep);
@@ -445,7 +442,7 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t i = i0 + r;
           T* s = s_tile + r * kBlockK;
-          logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, scale, s);
+          logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, s);
           probabilities_and_grad(nk, s, dp_tile + r * kBlockK, lse_rows + r, dot_rows + r, 0);
         }
         // P and dS columns nk..Mk (unprocessed) only feed dK/dV rows that are never written out.
@@ -507,7 +504,8 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     const int64_t Mq = round_up(nq, kRowsPerPanel);
     const int64_t Nq = round_up(nq, kPanelCols<T>);
 
-    copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ);
+    copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ,
+                         scale);
     copy_rows_transposed(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, dot_tile, kBlockQ);
     std::memset(dq_acc, 0, sizeof(T) * Mq * Ep);
     const S* k_head = key + b * in.k.batch + hk * in.k.head;
@@ -526,7 +524,7 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       gemm<T, false>(Mk, Nq, Ev, v_tile, Evp, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
       for (int64_t c = 0; c < nk; ++c) {
         T* s = st_tile + c * kBlockQ;
-        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, scale, s);
+        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, s);
         probabilities_and_grad(nq, s, dpt_tile + c * kBlockQ, lse_rows, dot_rows, 1);
       }
       // dS columns nq..Mq (unprocessed) only feed dQ rows that are never written out.
