@@ -448,3 +448,19 @@ def test_sdpa_matches_torch_on_every_device(device, dtype):
     mask = torch.rand(70, 90, device=device) > 0.3
     mask[:, 0] = True
     _check_sdpa_parity(q, k, v, dtype, attn_mask=mask, enable_gqa=True)
+
+
+# ---- memory -------------------------------------------------------------------------------
+
+
+def test_forward_and_backward_allocate_linear_not_quadratic_memory():
+    """Everything allocated through torch in forward + backward at L = 4096 sums to less
+    than 1/8 of one L x L float32 matrix (the math path allocates several)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    L = 4096
+    q, k, v = (torch.randn(1, 1, L, 16, requires_grad=True) for _ in range(3))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        sdpa(q, k, v).sum().backward()
+    allocated = sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+    assert 0 < allocated < L * L * 4 / 8, f"{allocated / 1e6:.1f} MB allocated"
