@@ -220,6 +220,11 @@ const S* mask_column_ptr(const Inputs& in, int64_t b, int64_t h, int64_t i0, int
   return static_cast<const S*>(in.mask) + b * ms[0] + h * ms[1] + i0 * ms[2] + j * ms[3];
 }
 
+// Block order within a head: 0, n-1, 1, n-2, ... With causal masking the work per block
+// grows along the sequence; at::parallel_for hands out contiguous unit ranges, so this
+// order gives every thread a mix of short and long blocks.
+FL_INLINE int64_t zigzag(int64_t u, int64_t n) { return u % 2 == 0 ? u / 2 : n - 1 - u / 2; }
+
 // ---- forward ----------------------------------------------------------------------------
 
 // The forward works on S^T (keys x queries): Q^T is transposed once per unit, K and V
@@ -260,7 +265,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t bh = unit / q_blocks;
     const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / group;
-    const int64_t i0 = (unit % q_blocks) * kBlockQ;
+    const int64_t i0 = zigzag(unit % q_blocks, q_blocks) * kBlockQ;
     const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
     const int64_t Mq = round_up(nq, kRowsPerPanel);
     const int64_t Nq = round_up(nq, kPanelCols<T>);
@@ -413,7 +418,7 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t bhk = unit / k_blocks;
     const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads;
-    const int64_t j0 = (unit % k_blocks) * kBlockK;
+    const int64_t j0 = zigzag(unit % k_blocks, k_blocks) * kBlockK;
     const int64_t nk = std::min(kBlockK, sh.kv_len - j0);
     const int64_t Mk = round_up(nk, kRowsPerPanel);
     const int64_t Nk = round_up(nk, kPanelCols<T>);
@@ -499,7 +504,7 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t bh = unit / q_blocks;
     const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / group;
-    const int64_t i0 = (unit % q_blocks) * kBlockQ;
+    const int64_t i0 = zigzag(unit % q_blocks, q_blocks) * kBlockQ;
     const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
     const int64_t Mq = round_up(nq, kRowsPerPanel);
     const int64_t Nq = round_up(nq, kPanelCols<T>);
