@@ -34,43 +34,43 @@ def unfused(q, k, v, causal_mask):
     return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
-def make_cases(device: str, quick: bool) -> list[Case]:
+def config_cases(B: int, H: int, L: int, E: int, causal: bool, device: str) -> list[Case]:
+    q, k, v = (torch.randn(B, H, L, E, device=device) for _ in range(3))
+    grad = torch.randn(B, H, L, E, device=device)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    mask = torch.ones(L, L, dtype=torch.bool, device=device).triu(1) if causal else None
+
+    def ours(q, k, v):
+        return scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    natives = {
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+        "math": lambda q, k, v: unfused(q, k, v, mask),
+    }
+
+    def forward(fn):
+        return lambda: fn(q, k, v)
+
+    def train(fn):
+        return lambda: torch.autograd.grad(fn(qr, kr, vr), (qr, kr, vr), grad)
+
+    fwd_flops = 4 * B * H * L * L * E / (2 if causal else 1)
+    io_bytes = 4 * B * H * L * E * 4  # q, k, v, output
+    tag = f"B{B} H{H} L{L} E{E}{' causal' if causal else ''}"
+    params = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": "float32"}
     cases = []
-    for B, H, L, E in SHAPES[:1] if quick else SHAPES:
-        q, k, v = (torch.randn(B, H, L, E, device=device) for _ in range(3))
-        grad = torch.randn(B, H, L, E, device=device)
-        qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
-        hidden = torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
-        for causal in (False, True):
-            mask = hidden if causal else None
-            fwd_flops = 4 * B * H * L * L * E / (2 if causal else 1)
-            io_bytes = 4 * B * H * L * E * 4
-            natives = {
-                "sdpa": lambda q, k, v, causal=causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                "math": lambda q, k, v, mask=mask: unfused(q, k, v, mask),
-            }
-
-            def ours(q, k, v, causal=causal):
-                return scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-            def train(fn):
-                return lambda: torch.autograd.grad(fn(qr, kr, vr), (qr, kr, vr), grad)
-
-            tag = f"B{B} H{H} L{L} E{E}{' causal' if causal else ''}"
-            params = {"B": B, "H": H, "L": L, "E": E, "causal": causal, "dtype": "float32"}
-            for native_name, native in natives.items():
-                p = params | {"native": native_name}
-                cases.append(Case(
-                    f"fwd {tag} vs {native_name}",
-                    lambda native=native: native(q, k, v), lambda: ours(q, k, v),
-                    fwd_flops, io_bytes, device, p | {"pass": "forward"},
-                ))
-                cases.append(Case(
-                    f"fwd+bwd {tag} vs {native_name}",
-                    train(native), train(ours),
-                    3.5 * fwd_flops, 2 * io_bytes, device, p | {"pass": "forward+backward"},
-                ))
+    for name, native in natives.items():
+        p = params | {"native": name}
+        cases.append(Case(f"fwd {tag} vs {name}", forward(native), forward(ours), fwd_flops, io_bytes, device,
+                          p | {"pass": "forward"}))
+        cases.append(Case(f"fwd+bwd {tag} vs {name}", train(native), train(ours), 3.5 * fwd_flops, 2 * io_bytes,
+                          device, p | {"pass": "forward+backward"}))
     return cases
+
+
+def make_cases(device: str, quick: bool) -> list[Case]:
+    shapes = SHAPES[:1] if quick else SHAPES
+    return [c for B, H, L, E in shapes for causal in (False, True) for c in config_cases(B, H, L, E, causal, device)]
 
 
 def main() -> None:

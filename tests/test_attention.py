@@ -220,6 +220,26 @@ def test_rows_that_see_no_key_give_zero_output_and_gradients_as_torch(device):
     assert torch.isneginf(lse[:, :, 2]).all() and torch.isfinite(lse[:, :, 0]).all()
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("where", ["query", "key", "value", "key inf"])
+def test_nan_and_infinity_propagate_as_in_torch(where, device):
+    q, k, v = (t.clone() for t in _qkv(1, 2, 2, 70, 90, 16, 16, torch.float32, device))
+    target = {"query": q, "key": k, "value": v, "key inf": k}[where]
+    target[0, 1, 5, 3] = float("inf") if where == "key inf" else float("nan")
+    for causal in (False, True):
+        ours, native = sdpa(q, k, v, is_causal=causal), native_sdpa(q, k, v, is_causal=causal)
+        expected_nan = torch.isnan(native)
+        if causal and where.startswith("key"):
+            # Key 5 is hidden from queries 0..4: they never read it (torch's fused CPU
+            # kernel neither), while the math backend adds the causal mask as a -inf
+            # bias to the NaN scores and spreads the NaN to them.
+            expected_nan[..., :5, :] = False
+        assert torch.equal(torch.isnan(ours), expected_nan)
+        assert expected_nan.any()
+        finite = ~torch.isnan(native)
+        assert_close_scaled(ours[finite], native[finite], torch.float32)
+
+
 def test_empty_key_sequence_gives_zeros_and_empty_query_an_empty_output():
     q, k, v = _qkv(1, 2, 2, 5, 0, 8, 8, torch.float32)
     out = sdpa(q, k, v)

@@ -167,6 +167,10 @@ template <class T> void zero_rows(T* dst, int64_t ld, int64_t row_begin, int64_t
 
 template <class T> constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
+// max(a, b) that returns NaN when b is NaN (std::max would drop it), so a NaN score
+// makes its row NaN, as in torch, instead of being skipped.
+template <class T> FL_INLINE T max_keep_nan(T a, T b) { return (b > a || b != b) ? b : a; }
+
 // The logits of one tile row of (already scaled) scores in place: s[j] += mask(i, j0 + j),
 // -inf where causality hides key j0 + j from query i.
 template <class S, class T>
@@ -294,7 +298,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         T* s = st_tile + c * kBlockQ;
         logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, s);
 #pragma omp simd
-        for (int64_t r = 0; r < nq; ++r) new_max[r] = std::max(new_max[r], s[r]);
+        for (int64_t r = 0; r < nq; ++r) new_max[r] = max_keep_nan(new_max[r], s[r]);
       }
 #pragma omp simd
       for (int64_t r = 0; r < nq; ++r) {
@@ -328,12 +332,13 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     T* lse_out = lse + (b * sh.heads + h) * sh.q_len + i0;
     for (int64_t r = 0; r < nq; ++r) {
       const T l = row_sum[r];
-      // A row that sees no key (fully masked, or Lk == 0) gives 0, as torch's SDPA does.
-      const T inv = l > T(0) ? T(1) / l : T(0);
+      // A row that sees no key (fully masked, or Lk == 0) has l == 0 and gives 0, as
+      // torch's SDPA does; any visible key adds exp(0) = 1 for the row's maximum.
+      const T inv = l == T(0) ? T(0) : T(1) / l;
       const T* o = o_acc + r * Evp;
 #pragma omp simd
       for (int64_t c = 0; c < Ev; ++c) out[r * Ev + c] = store<S>(o[c] * inv);
-      lse_out[r] = l > T(0) ? row_max[r] + std::log(l) : kNegInf<T>;
+      lse_out[r] = l == T(0) ? kNegInf<T> : row_max[r] + std::log(l);
     }
   }
 }

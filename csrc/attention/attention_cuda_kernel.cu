@@ -49,9 +49,12 @@ template <> __device__ __forceinline__ double neg_inf<double>() { return __longl
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// max that keeps a NaN (fmax would drop it), so a NaN score makes its row NaN, as in torch.
+template <class T> __device__ __forceinline__ T max_keep_nan(T a, T b) { return (b > a || b != b) ? b : a; }
+
 template <class T> __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(kFullMask, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = max_keep_nan(v, __shfl_xor_sync(kFullMask, v, offset));
   return v;
 }
 template <class T> __device__ __forceinline__ T warp_sum(T v) {
@@ -133,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs args) {
         const int64_t i = i0 + r;
         T s = neg_inf<T>();
         if (lane < nk) s = logit<S, T>(in, dot(q_s + r * E, k_s + lane * ldk, E), b, h, i, j0 + lane);
-        const T m_new = max(m[rr], warp_max(s));
+        const T m_new = max_keep_nan(m[rr], warp_max(s));
         const bool none = m_new == neg_inf<T>();  // no visible key yet: P = 0
         const T p = none ? T(0) : math::exp(s - m_new);
         const T alpha = none ? T(1) : math::exp(m[rr] - m_new);
@@ -159,14 +162,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs args) {
   for (int rr = 0; rr < R; ++rr) {
     const int r = warp * R + rr;
     if (r < rows) {
-      // A row that sees no key (fully masked, or Lk == 0) gives 0, as torch's SDPA does.
-      const T inv = l[rr] > T(0) ? T(1) / l[rr] : T(0);
+      // A row that sees no key (fully masked, or Lk == 0) has l == 0 and gives 0, as
+      // torch's SDPA does; any visible key adds exp(0) = 1 for the row's maximum.
+      const T inv = l[rr] == T(0) ? T(0) : T(1) / l[rr];
 #pragma unroll
       for (int t = 0; t < C; ++t) {
         const int c = lane + 32 * t;
         if (c < Ev) output[r * Ev + c] = from_compute<S>(o[rr][t] * inv);
       }
-      if (lane == 0) lse[r] = l[rr] > T(0) ? m[rr] + log(l[rr]) : neg_inf<T>();
+      if (lane == 0) lse[r] = l[rr] == T(0) ? neg_inf<T>() : m[rr] + log(l[rr]);
     }
   }
 }
