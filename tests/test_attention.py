@@ -175,16 +175,23 @@ def test_cuda_head_dims_above_256_run_the_reference(device):
     _check_sdpa_parity(q, k, v, torch.float32)
 
 
-def test_backward_is_deterministic_for_any_thread_count():
-    q, k, v = _qkv(2, 4, 2, 150, 170, 32, 32, torch.float32)
-    out, lse = flash(q, k, v, None, False, 0.2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B, H, Hkv, causal, kind",
+    # B * Hkv = 1 takes the fused backward on one thread and the split passes on two.
+    [(2, 4, 2, False, None), (1, 3, 1, True, None), (1, 2, 1, False, "float"), (1, 1, 1, False, "bool")],
+)
+def test_backward_gives_the_same_bits_for_any_thread_count(B, H, Hkv, causal, kind, dtype):
+    q, k, v = _qkv(B, H, Hkv, 150, 170, 40, 24, dtype)
+    mask = _mask(kind, (150, 170), dtype)
+    out, lse = flash(q, k, v, mask, causal, 0.2)
     grad_out = torch.randn_like(out)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = flash_backward(grad_out, q, k, v, out, lse, None, False, 0.2)
+        one = flash_backward(grad_out, q, k, v, out, lse, mask, causal, 0.2)
         torch.set_num_threads(max(2, threads))
-        many = flash_backward(grad_out, q, k, v, out, lse, None, False, 0.2)
+        many = flash_backward(grad_out, q, k, v, out, lse, mask, causal, 0.2)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(one, many):

@@ -181,9 +181,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   args.grad_value = grad_value.mutable_data_ptr();
   const CpuKernels& kernels = attention_cpu_kernels_select();
   at::parallel_for(0, row_dot_units(s), 1, [&](int64_t b, int64_t e) { kernels.backward_row_dot(args, b, e); });
-  at::parallel_for(0, key_value_units(s), 1,
-                   [&](int64_t b, int64_t e) { kernels.backward_key_value(args, b, e); });
-  at::parallel_for(0, forward_units(s), 1, [&](int64_t b, int64_t e) { kernels.backward_query(args, b, e); });
+  // Enough (batch, kv head) pairs for every thread: one fused pass (dK, dV and dQ, five
+  // tile products); else dK/dV per key block and dQ per query block (seven, more
+  // parallel). Both give the same bits, so the thread count never changes the result.
+  if (fused_backward_units(s) >= at::get_num_threads()) {
+    const int64_t ld = (s.head_dim + 31) / 32 * 32;
+    at::Tensor accumulator = at::zeros({s.batch * s.heads, ceil_div(s.q_len, kBlockQ) * kBlockQ, ld}, lse.options());
+    args.grad_query_accumulator = accumulator.mutable_data_ptr();
+    args.grad_query_accumulator_ld = ld;
+    at::parallel_for(0, fused_backward_units(s), 1,
+                     [&](int64_t b, int64_t e) { kernels.backward_key_value(args, b, e); });
+  } else {
+    at::parallel_for(0, key_value_units(s), 1,
+                     [&](int64_t b, int64_t e) { kernels.backward_key_value(args, b, e); });
+    at::parallel_for(0, forward_units(s), 1, [&](int64_t b, int64_t e) { kernels.backward_query(args, b, e); });
+  }
   return {grad_query, grad_key, grad_value};
 }
 

@@ -10,8 +10,9 @@
 //
 // Backward recomputes P = exp(s - lse) from the saved logsumexp: D = rowsum(dO * O),
 // dS = P * (dO V^T - D). dK and dV are computed per key block (summing the query heads
-// of a GQA group and all query blocks in order), dQ per query block: no atomics, the
-// result does not depend on the thread count.
+// of a GQA group and all query blocks in order), dQ per query block, or all three in one
+// pass per (batch, kv head) (key_value_typed): no atomics, and the same bits either way,
+// so the result does not depend on the thread count.
 //
 // Tiles are copied into zero-padded buffers of the compute type (float, or double for
 // float64), so every dtype, stride and ragged length runs the same micro-kernel.
@@ -141,12 +142,12 @@ template <class T> class Workspace {
 
 // rows x cols of `src` (row stride `stride`) into dst[r * ld + c], as T.
 template <class S, class T>
-void copy_rows(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+void copy_rows(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst, int64_t ld, T factor = T(1)) {
   for (int64_t r = 0; r < rows; ++r) {
     const S* s = src + r * stride;
     T* d = dst + r * ld;
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) d[c] = T(load(s[c]));
+    for (int64_t c = 0; c < cols; ++c) d[c] = factor * T(load(s[c]));
   }
 }
 
@@ -383,8 +384,14 @@ FL_INLINE void probabilities_and_grad(int64_t count, T* s, T* dp, const T* lse, 
 }
 
 // dK, dV for one key block (the unit): K^T and V^T are transposed once per unit; each
-// query block gives S = Q K^T and dP = dO V^T in row layout, then dV += P^T dO and
-// dK += dS^T Q read P and dS transposed.
+// query block gives S = (scale Q) K^T and dP = dO V^T in row layout, then dV += P^T dO
+// and dK += dS^T (scale Q) read P and dS transposed.
+//
+// With args.grad_query_accumulator set (the fused backward), a unit is one (batch, kv
+// head) instead: it walks its key blocks in order and also adds dS K into the dQ
+// accumulator of its query heads, which no other unit touches. Every sum then runs in
+// the same order as in the split passes (dQ over key blocks in order, the same products
+// with Q pre-scaled on both sides), so both give the same bits.
 template <class S>
 void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   using T = compute_t<S>;
@@ -395,20 +402,25 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const int64_t k_blocks = attention::ceil_div(sh.kv_len, kBlockK);
   const int64_t group = sh.heads / sh.kv_heads;
   const T scale = T(in.scale);
+  T* dq_accumulator = static_cast<T*>(args.grad_query_accumulator);
+  const bool fused = dq_accumulator != nullptr;
+  const int64_t q_rows_padded = attention::ceil_div(sh.q_len, kBlockQ) * kBlockQ;
+  const int64_t ldq = args.grad_query_accumulator_ld;
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockK) + W::size_of(Ev * kBlockK) + W::size_of(kBlockQ * Ep) +
        W::size_of(kBlockQ * Evp) + 2 * W::size_of(kBlockQ * kBlockK) + W::size_of(kBlockK * Ep) +
-       W::size_of(kBlockK * Evp));
+       W::size_of(kBlockK * Evp) + (fused ? W::size_of(kBlockK * Ep) : 0));
   if (!ws.ok()) throw std::bad_alloc();
   T* kt_tile = ws.take(E * kBlockK);       // K^T [E][keys]
   T* vt_tile = ws.take(Ev * kBlockK);      // V^T [Ev][keys]
-  T* q_tile = ws.take(kBlockQ * Ep);       // Q [queries][Ep]
+  T* q_tile = ws.take(kBlockQ * Ep);       // scale * Q [queries][Ep]
   T* do_tile = ws.take(kBlockQ * Evp);     // dO [queries][Evp]
   T* s_tile = ws.take(kBlockQ * kBlockK);  // S, then P
   T* dp_tile = ws.take(kBlockQ * kBlockK); // dP, then dS
   T* dk_acc = ws.take(kBlockK * Ep);
   T* dv_acc = ws.take(kBlockK * Evp);
+  T* k_tile = fused ? ws.take(kBlockK * Ep) : nullptr;  // K [keys][Ep], for dQ += dS K
 
   const S* query = static_cast<const S*>(in.query);
   const S* key = static_cast<const S*>(in.key);
@@ -421,53 +433,73 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   S* grad_value = static_cast<S*>(args.grad_value);
 
   for (int64_t unit = begin; unit < end; ++unit) {
-    const int64_t bhk = unit / k_blocks;
+    const int64_t bhk = fused ? unit : unit / k_blocks;
     const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads;
-    const int64_t j0 = zigzag(unit % k_blocks, k_blocks) * kBlockK;
-    const int64_t nk = std::min(kBlockK, sh.kv_len - j0);
-    const int64_t Mk = round_up(nk, kRowsPerPanel);
-    const int64_t Nk = round_up(nk, kPanelCols<T>);
+    for (int64_t block = 0; block < (fused ? k_blocks : 1); ++block) {
+      const int64_t j0 = (fused ? block : zigzag(unit % k_blocks, k_blocks)) * kBlockK;
+      const int64_t nk = std::min(kBlockK, sh.kv_len - j0);
+      const int64_t Mk = round_up(nk, kRowsPerPanel);
+      const int64_t Nk = round_up(nk, kPanelCols<T>);
+      const S* k_rows = key + b * in.k.batch + hk * in.k.head + j0 * in.k.row;
 
-    copy_rows_transposed(key + b * in.k.batch + hk * in.k.head + j0 * in.k.row, in.k.row, nk, E, kt_tile, kBlockK,
-                         scale);
-    copy_rows_transposed(value + b * in.v.batch + hk * in.v.head + j0 * in.v.row, in.v.row, nk, Ev, vt_tile,
-                         kBlockK);
-    std::memset(dk_acc, 0, sizeof(T) * Mk * Ep);
-    std::memset(dv_acc, 0, sizeof(T) * Mk * Evp);
-    // Causal: query i sees key j iff j <= i, so rows before j0 see none of this block.
-    const int64_t first_block = in.causal ? j0 / kBlockQ : 0;
+      copy_rows_transposed(k_rows, in.k.row, nk, E, kt_tile, kBlockK);
+      copy_rows_transposed(value + b * in.v.batch + hk * in.v.head + j0 * in.v.row, in.v.row, nk, Ev, vt_tile,
+                           kBlockK);
+      if (fused) copy_rows(k_rows, in.k.row, nk, E, k_tile, Ep);
+      std::memset(dk_acc, 0, sizeof(T) * Mk * Ep);
+      std::memset(dv_acc, 0, sizeof(T) * Mk * Evp);
+      // Causal: query i sees key j iff j <= i, so rows before j0 see none of this block.
+      const int64_t first_block = in.causal ? j0 / kBlockQ : 0;
 
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      const int64_t bh = b * sh.heads + h;
-      for (int64_t i0 = first_block * kBlockQ; i0 < sh.q_len; i0 += kBlockQ) {
-        const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
-        const int64_t Mq = round_up(nq, kRowsPerPanel);
-        copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep);
-        copy_rows(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, do_tile, Evp);
-        // Rows nq..Mq (stale Q, dO) give S, dP rows that no product below reads.
-        gemm<T, false>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);     // S
-        gemm<T, false>(Mq, Nk, Ev, do_tile, Evp, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
-        const T* lse_rows = lse + bh * sh.q_len + i0;
-        const T* dot_rows = dot + bh * sh.q_len + i0;
-        for (int64_t r = 0; r < nq; ++r) {
-          const int64_t i = i0 + r;
-          T* s = s_tile + r * kBlockK;
-          logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, s);
-          probabilities_and_grad(nk, s, dp_tile + r * kBlockK, lse_rows + r, dot_rows + r, 0);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t bh = b * sh.heads + h;
+        for (int64_t i0 = first_block * kBlockQ; i0 < sh.q_len; i0 += kBlockQ) {
+          const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
+          const int64_t Mq = round_up(nq, kRowsPerPanel);
+          copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep, scale);
+          copy_rows(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, do_tile, Evp);
+          // Rows nq..Mq (stale Q, dO) give S, dP rows that only feed dQ padding rows.
+          gemm<T, false>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);     // S
+          gemm<T, false>(Mq, Nk, Ev, do_tile, Evp, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
+          const T* lse_rows = lse + bh * sh.q_len + i0;
+          const T* dot_rows = dot + bh * sh.q_len + i0;
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t i = i0 + r;
+            T* s = s_tile + r * kBlockK;
+            logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, s);
+            probabilities_and_grad(nk, s, dp_tile + r * kBlockK, lse_rows + r, dot_rows + r, 0);
+          }
+          // P and dS columns nk..Mk (unprocessed) only feed dK/dV rows that are never written out.
+          gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_tile, Evp, dv_acc, Evp, true);  // dV += P^T dO
+          gemm<T, true>(Mk, Ep, nq, dp_tile, kBlockK, q_tile, Ep, dk_acc, Ep, true);     // dK += dS^T (scale Q)
+          if (fused) {  // dQ += dS K; rows nq..Mq land in the accumulator's padding rows
+            gemm<T, false>(Mq, Ep, nk, dp_tile, kBlockK, k_tile, Ep, dq_accumulator + (bh * q_rows_padded + i0) * ldq,
+                           ldq, true);
+          }
         }
-        // P and dS columns nk..Mk (unprocessed) only feed dK/dV rows that are never written out.
-        gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_tile, Evp, dv_acc, Evp, true);  // dV += P^T dO
-        gemm<T, true>(Mk, Ep, nq, dp_tile, kBlockK, q_tile, Ep, dk_acc, Ep, true);     // dK += dS^T Q
+      }
+
+      S* dk = grad_key + ((b * sh.kv_heads + hk) * sh.kv_len + j0) * E;
+      S* dv = grad_value + ((b * sh.kv_heads + hk) * sh.kv_len + j0) * Ev;
+      for (int64_t c = 0; c < nk; ++c) {
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) dk[c * E + e] = store<S>(dk_acc[c * Ep + e]);
+#pragma omp simd
+        for (int64_t e = 0; e < Ev; ++e) dv[c * Ev + e] = store<S>(dv_acc[c * Evp + e]);
       }
     }
 
-    S* dk = grad_key + ((b * sh.kv_heads + hk) * sh.kv_len + j0) * E;
-    S* dv = grad_value + ((b * sh.kv_heads + hk) * sh.kv_len + j0) * Ev;
-    for (int64_t c = 0; c < nk; ++c) {
+    if (fused) {
+      S* grad_query = static_cast<S*>(args.grad_query);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t bh = b * sh.heads + h;
+        for (int64_t i = 0; i < sh.q_len; ++i) {
+          const T* acc = dq_accumulator + (bh * q_rows_padded + i) * ldq;
+          S* dq = grad_query + (bh * sh.q_len + i) * E;
 #pragma omp simd
-      for (int64_t e = 0; e < E; ++e) dk[c * E + e] = store<S>(dk_acc[c * Ep + e] * scale);
-#pragma omp simd
-      for (int64_t e = 0; e < Ev; ++e) dv[c * Ev + e] = store<S>(dv_acc[c * Evp + e]);
+          for (int64_t e = 0; e < E; ++e) dq[e] = store<S>(acc[e] * scale);
+        }
+      }
     }
   }
 }

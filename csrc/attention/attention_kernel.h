@@ -62,6 +62,11 @@ struct BackwardArgs {
   void* grad_query = nullptr;         // dense (B, H, Lq, E), storage dtype
   void* grad_key = nullptr;           // dense (B, Hkv, Lk, E)
   void* grad_value = nullptr;         // dense (B, Hkv, Lk, Ev)
+  // CPU, fused backward only: a zeroed (B * H, round_up(Lq, kBlockQ), ld) buffer of the
+  // compute type with ld = grad_query_accumulator_ld >= round_up(E, 32); null for the
+  // split passes.
+  void* grad_query_accumulator = nullptr;
+  int64_t grad_query_accumulator_ld = 0;
 };
 
 // Tile sizes: a unit of forward / dQ work is one (batch, head, block of kBlockQ query
@@ -73,13 +78,17 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t forward_units(const Shape& s) { return s.batch * s.heads * ceil_div(s.q_len, kBlockQ); }
 inline int64_t row_dot_units(const Shape& s) { return s.batch * s.heads; }
 inline int64_t key_value_units(const Shape& s) { return s.batch * s.kv_heads * ceil_div(s.kv_len, kBlockK); }
+inline int64_t fused_backward_units(const Shape& s) { return s.batch * s.kv_heads; }
 
 struct CpuKernels {
   void (*forward)(const ForwardArgs& args, int64_t unit_begin, int64_t unit_end);
   // D = rowsum(dO * O) for units of (batch, head).
   void (*backward_row_dot)(const BackwardArgs& args, int64_t unit_begin, int64_t unit_end);
-  // dK, dV for key blocks; each sums over the query heads of its group and every query
-  // block in a fixed order (deterministic, no atomics).
+  // dK, dV for key blocks (key_value_units); each sums over the query heads of its group
+  // and every query block in a fixed order (deterministic, no atomics). With
+  // args.grad_query_accumulator set, units are (batch, kv head) (fused_backward_units)
+  // and the pass also produces dQ, making backward_query unnecessary: the same bits with
+  // 5 tile products instead of 7, for shapes with enough heads to keep threads busy.
   void (*backward_key_value)(const BackwardArgs& args, int64_t unit_begin, int64_t unit_end);
   // dQ for query blocks (forward_units).
   void (*backward_query)(const BackwardArgs& args, int64_t unit_begin, int64_t unit_end);
