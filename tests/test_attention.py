@@ -96,7 +96,9 @@ OP_CASES = [
     (1, 2, 2, 33, 200, 100, 20, False, "float", (1, 2, 1, 200)),
     (1, 2, 2, 100, 37, 12, 12, True, None, None),
 ]
-OP_IDS = [f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}-E{c[5]}-Ev{c[6]}-{'causal' if c[7] else 'full'}-{c[8]}" for c in OP_CASES]
+OP_IDS = [
+    f"{c[0]}x{c[1]}/{c[2]}x{c[3]}x{c[4]}-E{c[5]}-Ev{c[6]}-{'causal' if c[7] else 'full'}-{c[8]}" for c in OP_CASES
+]
 
 
 @pytest.mark.parametrize("device", devices())
@@ -169,7 +171,8 @@ def test_cuda_backward_is_bitwise_reproducible(device):
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda_kernels])])
 def test_cuda_head_dims_above_256_run_the_reference(device):
-    q, k, v = torch.randn(1, 2, 20, 320, device=device), torch.randn(1, 2, 30, 320, device=device), torch.randn(1, 2, 30, 320, device=device)
+    q = torch.randn(1, 2, 20, 320, device=device)
+    k, v = torch.randn(1, 2, 30, 320, device=device), torch.randn(1, 2, 30, 320, device=device)
     with pytest.raises(RuntimeError, match="head and value dims up to 256"):
         flash(q, k, v, None, False, 0.1)
     _check_sdpa_parity(q, k, v, torch.float32)
@@ -273,7 +276,9 @@ SDPA_SHAPES = [
     ((2, 3, 2, 30, 16), (2, 3, 2, 45, 16), (2, 3, 2, 45, 16), False),  # 5-D
     ((2, 4, 9, 16), (1, 4, 12, 16), (1, 4, 12, 16), False),   # batch broadcast
 ]
-SDPA_IDS = ["q" + "x".join(map(str, s[0])) + "-k" + "x".join(map(str, s[1])) + ("-gqa" if s[3] else "") for s in SDPA_SHAPES]
+SDPA_IDS = [
+    "q" + "x".join(map(str, s[0])) + "-k" + "x".join(map(str, s[1])) + ("-gqa" if s[3] else "") for s in SDPA_SHAPES
+]
 
 
 def _check_sdpa_parity(q, k, v, dtype, **kwargs):
@@ -385,6 +390,22 @@ def test_gradcheck_float64(B, H, Hkv, Lq, Lk, E, Ev, causal, kind):
     assert torch.autograd.gradgradcheck(fn, (q, k, v))
 
 
+@pytest.mark.parametrize("causal, kind", [(False, "bool"), (True, None), (False, "float")])
+def test_differentiable_backward_reference_matches_the_kernel(causal, kind):
+    """The create_graph path (flash_attention_backward_reference) against the kernel backward."""
+    q, k, v = _qkv(2, 4, 2, 37, 45, 16, 12, torch.float64)
+    mask = _mask(kind, (1, 4, 37, 45), torch.float64)
+    if mask is not None:
+        mask[..., 0] = True if kind == "bool" else 0.0
+        mask[..., 3, :] = False if kind == "bool" else float("-inf")  # a row that sees no key
+    out, lse = flash(q, k, v, mask, causal, 0.3)
+    grad_out = torch.randn_like(out)
+    kernel = flash_backward(grad_out, q, k, v, out, lse, mask, causal, 0.3)
+    reference = flash_attention_backward_reference(grad_out, q, k, v, mask, causal, 0.3)
+    for a, b in zip(kernel, reference):
+        assert_close_scaled(a, b, torch.float64)
+
+
 def test_op_refuses_a_mask_gradient():
     q, k, v = _qkv(1, 1, 1, 3, 4, 8, 8, torch.float32)
     mask = torch.zeros(3, 4, requires_grad=True)
@@ -401,7 +422,8 @@ def test_opcheck(kind, causal):
         mask[..., 0] = True if kind == "bool" else 0.0
     torch.library.opcheck(flash, (q, k, v, mask, causal, 0.4))
     out, lse = flash(q.detach(), k.detach(), v.detach(), mask, causal, 0.4)
-    torch.library.opcheck(flash_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, mask, causal, 0.4))
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(flash_backward, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, mask, causal, 0.4))
 
 
 def test_compile_fullgraph_forward_and_backward():

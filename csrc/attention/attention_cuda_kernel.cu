@@ -442,7 +442,8 @@ int launch_backward_cuda(const BackwardArgs& args, void* stream_ptr) {
 
     const size_t smem_q = sizeof(T) * (block_rows * (E + Ev) + kTile * (E + 1) + kTile * (Ev + 1));
     if ((status = allow_shared_memory(query_kernel<S, R, C>, smem_q)) != cudaSuccess) return;
-    const dim3 grid_q(static_cast<unsigned>(sh.batch * sh.heads), static_cast<unsigned>(ceil_div(sh.q_len, block_rows)));
+    const dim3 grid_q(static_cast<unsigned>(sh.batch * sh.heads),
+                      static_cast<unsigned>(ceil_div(sh.q_len, block_rows)));
     query_kernel<S, R, C><<<grid_q, kThreads, smem_q, stream>>>(args);
     status = cudaGetLastError();
   });

@@ -26,7 +26,12 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16
 # Head and value dims the CUDA kernels take (attention_kernel.h: kCudaMaxHeadDim); the CPU kernels take any.
 CUDA_MAX_HEAD_DIM = 256
 # torch's C++ names, for messages worded like torch's own.
-_TORCH_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}
+_TORCH_NAMES = {
+    torch.float32: "float",
+    torch.float64: "double",
+    torch.float16: "c10::Half",
+    torch.bfloat16: "c10::BFloat16",
+}
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -45,8 +50,11 @@ def check_flash_args(query, key, value, attn_mask, op: str = "flash_attention") 
     """The checks of the C++ op entry (4-D layout), with its messages and exception types."""
     if query.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{op}: query must be float32, float64, float16 or bfloat16, got {query.dtype}")
-    for name, t, what in (("query", query, "heads, query length, head dim"), ("key", key, "kv heads, key length, head dim"),
-                          ("value", value, "kv heads, key length, value dim")):
+    for name, t, what in (
+        ("query", query, "heads, query length, head dim"),
+        ("key", key, "kv heads, key length, head dim"),
+        ("value", value, "kv heads, key length, value dim"),
+    ):
         if t.dim() != 4:
             raise RuntimeError(f"{op}: {name} must be 4-D (batch, {what}), got shape {list(t.shape)}")
     for name, t in (("key", key), ("value", value)):
@@ -107,9 +115,13 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, enable_g
     if not 0.0 <= dropout_p <= 1.0:
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     if key.shape[-1] != query.shape[-1]:
-        raise RuntimeError(f"scaled_dot_product_attention: key head dim {key.shape[-1]} does not match query's {query.shape[-1]}")
+        raise RuntimeError(
+            f"scaled_dot_product_attention: key head dim {key.shape[-1]} does not match query's {query.shape[-1]}"
+        )
     if value.shape[-2] != key.shape[-2]:
-        raise RuntimeError(f"scaled_dot_product_attention: value length {value.shape[-2]} does not match key's {key.shape[-2]}")
+        raise RuntimeError(
+            f"scaled_dot_product_attention: value length {value.shape[-2]} does not match key's {key.shape[-2]}"
+        )
     if _gqa_heads(query, key, value, enable_gqa) is not None:
         Hq, Hkv = query.shape[-3], key.shape[-3]
         if value.shape[-3] != Hkv or Hq % Hkv != 0:
@@ -239,7 +251,9 @@ if _extension.available():
             )
         if torch.is_grad_enabled():
             # create_graph=True: a gradient built from differentiable reference ops.
-            grads = flash_attention_backward_reference(grad_output, query, key, value, attn_mask, ctx.is_causal, ctx.scale)
+            grads = flash_attention_backward_reference(
+                grad_output, query, key, value, attn_mask, ctx.is_causal, ctx.scale
+            )
         else:
             grads = torch.ops.fastlayers.flash_attention_backward.default(
                 grad_output, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale
