@@ -2,6 +2,7 @@
 arguments of its torch twin where one exists, runs the compiled kernel for the tensors'
 device when available, and its pure-PyTorch reference otherwise."""
 
+from fastlayers.ops.attention import scaled_dot_product_attention
 from fastlayers.ops.bias_act import bias_act
 
-__all__ = ["bias_act"]
+__all__ = ["bias_act", "scaled_dot_product_attention"]

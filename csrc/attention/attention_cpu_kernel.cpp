@@ -1,0 +1,616 @@
+// Flash-attention CPU kernels. Compiled once per ISA into namespace
+// fastlayers::FL_CPU_NS (csrc/cmake/FastlayersCpuKernels.cmake); parallelism lives in
+// the caller (at::parallel_for over units, attention.cpp).
+//
+// Forward (per batch, head and block of kBlockQ query rows): for each block of
+// kBlockK keys, S = Q K^T (one GEMM on the micro-kernel below), s = S * scale + mask
+// (and the causal cut), online softmax with the running row max m and sum l, O = O *
+// e^(m_old - m_new) + P V (a second GEMM); at the end O / l and lse = m + log l. Extra
+// memory is a few tiles per thread: never Lq x Lk.
+//
+// Backward recomputes P = exp(s - lse) from the saved logsumexp: D = rowsum(dO * O),
+// dS = P * (dO V^T - D). dK and dV are computed per key block (summing the query heads
+// of a GQA group and all query blocks in order), dQ per query block, or all three in one
+// pass per (batch, kv head) (key_value_typed): no atomics, and the same bits either way,
+// so the result does not depend on the thread count.
+//
+// Tiles are copied into zero-padded buffers of the compute type (float, or double for
+// float64), so every dtype, stride and ragged length runs the same micro-kernel.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+
+#include "attention/attention_kernel.h"
+#include "common/cpu_scalar.h"
+#include "common/math.h"
+
+namespace fastlayers::FL_CPU_NS {
+namespace {
+
+using attention::BackwardArgs;
+using attention::ForwardArgs;
+using attention::Inputs;
+using attention::kBlockK;
+using attention::kBlockQ;
+using attention::RowStrides;
+using cpu::compute_t;
+using cpu::load;
+using cpu::store;
+
+// ---- the GEMM micro-kernel ------------------------------------------------------------
+
+#if defined(FL_CPU_ISA_avx512)
+constexpr int kVectorBytes = 64;
+#else
+constexpr int kVectorBytes = 32;  // one ymm on AVX2; the compiler splits it into xmm on the base ISA
+#endif
+
+// A GCC/Clang vector of the ISA's register width: element-wise arithmetic on it is one
+// instruction, and `scalar * vector` broadcasts.
+template <class T> struct Vector {
+  static constexpr int kLanes = kVectorBytes / static_cast<int>(sizeof(T));
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+};
+
+constexpr int kRowsPerPanel = 8;       // MR: rows of C per register block
+constexpr int kVectorsPerPanel = 2;    // NR = 2 vectors of columns
+template <class T> constexpr int64_t kPanelCols = kVectorsPerPanel * Vector<T>::kLanes;
+
+// By reference rather than returned: returning a 32-byte vector from a function is an
+// ABI question on the base ISA (g++ -Wpsabi), though these are always inlined.
+template <class V, class T> FL_INLINE void load_vector(V& v, const T* p) { std::memcpy(&v, p, sizeof(V)); }
+template <class V, class T> FL_INLINE void store_vector(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+
+// C[M x N] = (accumulate ? C : 0) + A[M x K] B[K x N], all row-major with leading
+// dimensions lda/ldb/ldc. M must be a multiple of kRowsPerPanel and N of kPanelCols:
+// callers pass zero-padded tiles. Each 8 x 2-vector block of C stays in 16 registers
+// over the whole K loop (8 broadcasts of A and 2 loads of B per 16 FMAs).
+// C[M x N] = (accumulate ? C : 0) + A[M x K] B[K x N]; B and C row-major with leading
+// dimensions ldb/ldc; A row-major (A[r * lda + k]) or, with kTransA, stored transposed
+// (A[k * lda + r]), which lets a product read P^T or dS^T from the tile that holds P or
+// dS. M must be a multiple of kRowsPerPanel and N of kPanelCols: callers pass padded
+// tiles. Each 8 x 2-vector block of C stays in 16 registers over the whole K loop
+// (8 broadcasts of A and 2 loads of B per 16 FMAs).
+template <class T, bool kTransA>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
+          bool accumulate) {
+  using V = typename Vector<T>::type;
+  constexpr int L = Vector<T>::kLanes;
+  constexpr int MR = kRowsPerPanel;
+  for (int64_t j0 = 0; j0 < N; j0 += kPanelCols<T>) {
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+      V acc0[MR], acc1[MR];
+      for (int r = 0; r < MR; ++r) {
+        if (accumulate) {
+          load_vector(acc0[r], C + (i0 + r) * ldc + j0);
+          load_vector(acc1[r], C + (i0 + r) * ldc + j0 + L);
+        } else {
+          acc0[r] = V{};
+          acc1[r] = V{};
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        V b0, b1;
+        load_vector(b0, B + k * ldb + j0);
+        load_vector(b1, B + k * ldb + j0 + L);
+        for (int r = 0; r < MR; ++r) {
+          const T ar = kTransA ? A[k * lda + i0 + r] : A[(i0 + r) * lda + k];
+          acc0[r] += ar * b0;
+          acc1[r] += ar * b1;
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        store_vector(C + (i0 + r) * ldc + j0, acc0[r]);
+        store_vector(C + (i0 + r) * ldc + j0 + L, acc1[r]);
+      }
+    }
+  }
+}
+
+
+FL_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// ---- tiles ----------------------------------------------------------------------------
+
+// One zeroed, 64-byte aligned allocation carved into tiles (per parallel chunk).
+template <class T> class Workspace {
+ public:
+  explicit Workspace(int64_t elements) {
+    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(elements, 1) * sizeof(T), 64));
+    data_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (data_) std::memset(data_.get(), 0, bytes);
+  }
+  bool ok() const { return data_ != nullptr; }
+  T* take(int64_t elements) {
+    T* p = data_.get() + used_;
+    used_ += round_up(elements, 64 / sizeof(T));
+    return p;
+  }
+  static int64_t size_of(int64_t elements) { return round_up(elements, 64 / sizeof(T)); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> data_;
+  int64_t used_ = 0;
+};
+
+// rows x cols of `src` (row stride `stride`) into dst[r * ld + c], as T.
+template <class S, class T>
+void copy_rows(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst, int64_t ld, T factor = T(1)) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* s = src + r * stride;
+    T* d = dst + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) d[c] = factor * T(load(s[c]));
+  }
+}
+
+// The transpose, times `factor`: dst[c * ld + r] = factor * src[r][c]. Staging Q^T (or
+// K^T) pre-scaled puts the softmax scale into the score GEMM at no cost.
+template <class S, class T>
+void copy_rows_transposed(const S* src, int64_t stride, int64_t rows, int64_t cols, T* dst, int64_t ld,
+                          T factor = T(1)) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* s = src + r * stride;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = factor * T(load(s[c]));
+  }
+}
+
+template <class T> void zero_rows(T* dst, int64_t ld, int64_t row_begin, int64_t row_end) {
+  if (row_end > row_begin) std::memset(dst + row_begin * ld, 0, sizeof(T) * (row_end - row_begin) * ld);
+}
+
+template <class T> constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+// max(a, b) that returns NaN when b is NaN (std::max would drop it), so a NaN score
+// makes its row NaN, as in torch, instead of being skipped.
+template <class T> FL_INLINE T max_keep_nan(T a, T b) { return (b > a || b != b) ? b : a; }
+
+// The logits of one tile row of (already scaled) scores in place: s[j] += mask(i, j0 + j),
+// -inf where causality hides key j0 + j from query i.
+template <class S, class T>
+FL_INLINE void logits_row(const Inputs& in, const S* mask_row, int64_t i, int64_t j0, int64_t count, T* s) {
+  if (mask_row) {
+    const int64_t mj = in.mask_strides[3];
+    if (mj == 1) {
+#pragma omp simd
+      for (int64_t j = 0; j < count; ++j) s[j] += T(load(mask_row[j0 + j]));
+    } else {
+      for (int64_t j = 0; j < count; ++j) s[j] += T(load(mask_row[(j0 + j) * mj]));
+    }
+  }
+  if (in.causal && j0 + count - 1 > i) {
+    for (int64_t j = std::max<int64_t>(0, i + 1 - j0); j < count; ++j) s[j] = kNegInf<T>;
+  }
+}
+
+template <class S>
+const S* mask_row_ptr(const Inputs& in, int64_t b, int64_t h, int64_t i) {
+  if (!in.mask) return nullptr;
+  const int64_t* ms = in.mask_strides;
+  return static_cast<const S*>(in.mask) + b * ms[0] + h * ms[1] + i * ms[2];
+}
+
+// The key range query rows [i0, i0 + rows) can see.
+FL_INLINE int64_t visible_keys(const Inputs& in, int64_t i0, int64_t rows) {
+  return in.causal ? std::min(in.shape.kv_len, i0 + rows) : in.shape.kv_len;
+}
+
+// Logits of one row of S^T (key j against queries i0 .. i0 + count, scores already
+// scaled) in place: s[r] += mask(i0 + r, j), -inf where causality hides key j from
+// query i0 + r.
+template <class S, class T>
+FL_INLINE void logits_column(const Inputs& in, const S* mask_column, int64_t i0, int64_t j, int64_t count, T* s) {
+  if (mask_column) {
+    const int64_t mi = in.mask_strides[2];
+    for (int64_t r = 0; r < count; ++r) s[r] += T(load(mask_column[r * mi]));
+  }
+  if (in.causal) {  // query i0 + r sees key j iff r >= j - i0
+    const int64_t hidden = std::min(count, std::max<int64_t>(0, j - i0));
+    for (int64_t r = 0; r < hidden; ++r) s[r] = kNegInf<T>;
+  }
+}
+
+// mask(i0, j) for the column walk above, or null.
+template <class S>
+const S* mask_column_ptr(const Inputs& in, int64_t b, int64_t h, int64_t i0, int64_t j) {
+  if (!in.mask) return nullptr;
+  const int64_t* ms = in.mask_strides;
+  return static_cast<const S*>(in.mask) + b * ms[0] + h * ms[1] + i0 * ms[2] + j * ms[3];
+}
+
+// Block order within a head: 0, n-1, 1, n-2, ... With causal masking the work per block
+// grows along the sequence; at::parallel_for hands out contiguous unit ranges, so this
+// order gives every thread a mix of short and long blocks.
+FL_INLINE int64_t zigzag(int64_t u, int64_t n) { return u % 2 == 0 ? u / 2 : n - 1 - u / 2; }
+
+// ---- forward ----------------------------------------------------------------------------
+
+// The forward works on S^T (keys x queries): Q^T is transposed once per unit, K and V
+// tiles are plain row copies, the online softmax runs down the columns (vectorized over
+// queries), and O += P V reads P from S^T through the transposed-A GEMM.
+template <class S>
+void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
+  const Inputs& in = args.in;
+  const auto& sh = in.shape;
+  const int64_t E = sh.head_dim, Ev = sh.value_dim;
+  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
+  const int64_t q_blocks = attention::ceil_div(sh.q_len, kBlockQ);
+  const int64_t group = sh.heads / sh.kv_heads;
+  const T scale = T(in.scale);
+
+  using W = Workspace<T>;
+  W ws(W::size_of(E * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) +
+       W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Evp) + 5 * W::size_of(kBlockQ));
+  if (!ws.ok()) throw std::bad_alloc();
+  T* qt_tile = ws.take(E * kBlockQ);       // Q^T [E][queries]
+  T* k_tile = ws.take(kBlockK * Ep);       // K [keys][Ep]
+  T* v_tile = ws.take(kBlockK * Evp);      // V [keys][Evp]
+  T* st_tile = ws.take(kBlockK * kBlockQ); // S^T, then P^T
+  T* o_acc = ws.take(kBlockQ * Evp);       // unnormalized O
+  T* row_max = ws.take(kBlockQ);
+  T* row_sum = ws.take(kBlockQ);
+  T* new_max = ws.take(kBlockQ);
+  T* tile_sum = ws.take(kBlockQ);
+  T* alpha = ws.take(kBlockQ);
+
+  const S* query = static_cast<const S*>(in.query);
+  const S* key = static_cast<const S*>(in.key);
+  const S* value = static_cast<const S*>(in.value);
+  S* output = static_cast<S*>(args.output);
+  T* lse = static_cast<T*>(args.logsumexp);
+
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t bh = unit / q_blocks;
+    const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / group;
+    const int64_t i0 = zigzag(unit % q_blocks, q_blocks) * kBlockQ;
+    const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
+    const int64_t Mq = round_up(nq, kRowsPerPanel);
+    const int64_t Nq = round_up(nq, kPanelCols<T>);
+
+    copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ,
+                         scale);
+    std::memset(o_acc, 0, sizeof(T) * Mq * Evp);
+    for (int64_t r = 0; r < nq; ++r) {
+      row_max[r] = kNegInf<T>;
+      row_sum[r] = T(0);
+    }
+    const S* k_head = key + b * in.k.batch + hk * in.k.head;
+    const S* v_head = value + b * in.v.batch + hk * in.v.head;
+    const int64_t kv_end = visible_keys(in, i0, nq);
+
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kv_end - j0);
+      const int64_t Mk = round_up(nk, kRowsPerPanel);
+      copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
+      copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
+      // Rows nk..Mk of S^T come from stale K rows and are never read below.
+      gemm<T, false>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, st_tile, kBlockQ, false);
+
+      for (int64_t r = 0; r < nq; ++r) new_max[r] = row_max[r];
+      for (int64_t c = 0; c < nk; ++c) {
+        T* s = st_tile + c * kBlockQ;
+        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, s);
+#pragma omp simd
+        for (int64_t r = 0; r < nq; ++r) new_max[r] = max_keep_nan(new_max[r], s[r]);
+      }
+#pragma omp simd
+      for (int64_t r = 0; r < nq; ++r) {
+        // A row that has seen no key yet keeps m = -inf, l = 0, O = 0 and gets P = 0.
+        alpha[r] = new_max[r] == kNegInf<T> ? T(1) : math::exp(row_max[r] - new_max[r]);
+        tile_sum[r] = T(0);
+      }
+      for (int64_t c = 0; c < nk; ++c) {
+        T* s = st_tile + c * kBlockQ;
+#pragma omp simd
+        for (int64_t r = 0; r < nq; ++r) {
+          const T p = new_max[r] == kNegInf<T> ? T(0) : math::exp(s[r] - new_max[r]);  // exp(-inf) == 0
+          s[r] = p;
+          tile_sum[r] += p;
+        }
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+        row_max[r] = new_max[r];
+        if (alpha[r] != T(1)) {
+          T* o = o_acc + r * Evp;
+#pragma omp simd
+          for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha[r];
+        }
+      }
+      // O += P V; P's columns nq..Mq (stale) only feed O rows that are never written out.
+      gemm<T, true>(Mq, Evp, nk, st_tile, kBlockQ, v_tile, Evp, o_acc, Evp, true);
+    }
+
+    S* out = output + ((b * sh.heads + h) * sh.q_len + i0) * Ev;
+    T* lse_out = lse + (b * sh.heads + h) * sh.q_len + i0;
+    for (int64_t r = 0; r < nq; ++r) {
+      const T l = row_sum[r];
+      // A row that sees no key (fully masked, or Lk == 0) has l == 0 and gives 0, as
+      // torch's SDPA does; any visible key adds exp(0) = 1 for the row's maximum.
+      const T inv = l == T(0) ? T(0) : T(1) / l;
+      const T* o = o_acc + r * Evp;
+#pragma omp simd
+      for (int64_t c = 0; c < Ev; ++c) out[r * Ev + c] = store<S>(o[c] * inv);
+      lse_out[r] = l == T(0) ? kNegInf<T> : row_max[r] + std::log(l);
+    }
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------
+
+template <class S>
+void row_dot_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
+  const auto& sh = args.in.shape;
+  const int64_t Ev = sh.value_dim;
+  const S* grad_out = static_cast<const S*>(args.grad_output);
+  const S* out = static_cast<const S*>(args.output);
+  T* dot = static_cast<T*>(args.row_dot);
+  const RowStrides& gs = args.grad_output_strides;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / sh.heads, h = unit % sh.heads;
+    for (int64_t i = 0; i < sh.q_len; ++i) {
+      const S* g = grad_out + b * gs.batch + h * gs.head + i * gs.row;
+      const S* o = out + (unit * sh.q_len + i) * Ev;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < Ev; ++c) sum += T(load(g[c])) * T(load(o[c]));
+      dot[unit * sh.q_len + i] = sum;
+    }
+  }
+}
+
+// P = exp(s - lse) and dS = P * (dP - D) for one row of logits `s` and of dP, in place
+// (s becomes P, dp becomes dS). `lse` and `dot` are per-element pointers (stride 1) or
+// broadcast scalars (stride 0).
+template <class T>
+FL_INLINE void probabilities_and_grad(int64_t count, T* s, T* dp, const T* lse, const T* dot, int64_t stride) {
+#pragma omp simd
+  for (int64_t x = 0; x < count; ++x) {
+    const T l = lse[x * stride];
+    // lse == -inf: the row saw no key; its P (and gradient) is 0, as in the forward.
+    const T p = l == kNegInf<T> ? T(0) : math::exp(s[x] - l);
+    s[x] = p;
+    dp[x] = p * (dp[x] - dot[x * stride]);
+  }
+}
+
+// dK, dV for one key block (the unit): K^T and V^T are transposed once per unit; each
+// query block gives S = (scale Q) K^T and dP = dO V^T in row layout, then dV += P^T dO
+// and dK += dS^T (scale Q) read P and dS transposed.
+//
+// With args.grad_query_accumulator set (the fused backward), a unit is one (batch, kv
+// head) instead: it walks its key blocks in order and also adds dS K into the dQ
+// accumulator of its query heads, which no other unit touches. Every sum then runs in
+// the same order as in the split passes (dQ over key blocks in order, the same products
+// with Q pre-scaled on both sides), so both give the same bits.
+template <class S>
+void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
+  const Inputs& in = args.in;
+  const auto& sh = in.shape;
+  const int64_t E = sh.head_dim, Ev = sh.value_dim;
+  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
+  const int64_t k_blocks = attention::ceil_div(sh.kv_len, kBlockK);
+  const int64_t group = sh.heads / sh.kv_heads;
+  const T scale = T(in.scale);
+  T* dq_accumulator = static_cast<T*>(args.grad_query_accumulator);
+  const bool fused = dq_accumulator != nullptr;
+  const int64_t q_rows_padded = attention::ceil_div(sh.q_len, kBlockQ) * kBlockQ;
+  const int64_t ldq = args.grad_query_accumulator_ld;
+
+  using W = Workspace<T>;
+  W ws(W::size_of(E * kBlockK) + W::size_of(Ev * kBlockK) + W::size_of(kBlockQ * Ep) +
+       W::size_of(kBlockQ * Evp) + 2 * W::size_of(kBlockQ * kBlockK) + W::size_of(kBlockK * Ep) +
+       W::size_of(kBlockK * Evp) + (fused ? W::size_of(kBlockK * Ep) : 0));
+  if (!ws.ok()) throw std::bad_alloc();
+  T* kt_tile = ws.take(E * kBlockK);       // K^T [E][keys]
+  T* vt_tile = ws.take(Ev * kBlockK);      // V^T [Ev][keys]
+  T* q_tile = ws.take(kBlockQ * Ep);       // scale * Q [queries][Ep]
+  T* do_tile = ws.take(kBlockQ * Evp);     // dO [queries][Evp]
+  T* s_tile = ws.take(kBlockQ * kBlockK);  // S, then P
+  T* dp_tile = ws.take(kBlockQ * kBlockK); // dP, then dS
+  T* dk_acc = ws.take(kBlockK * Ep);
+  T* dv_acc = ws.take(kBlockK * Evp);
+  T* k_tile = fused ? ws.take(kBlockK * Ep) : nullptr;  // K [keys][Ep], for dQ += dS K
+
+  const S* query = static_cast<const S*>(in.query);
+  const S* key = static_cast<const S*>(in.key);
+  const S* value = static_cast<const S*>(in.value);
+  const S* grad_out = static_cast<const S*>(args.grad_output);
+  const RowStrides& gs = args.grad_output_strides;
+  const T* lse = static_cast<const T*>(args.logsumexp);
+  const T* dot = static_cast<const T*>(args.row_dot);
+  S* grad_key = static_cast<S*>(args.grad_key);
+  S* grad_value = static_cast<S*>(args.grad_value);
+
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t bhk = fused ? unit : unit / k_blocks;
+    const int64_t b = bhk / sh.kv_heads, hk = bhk % sh.kv_heads;
+    for (int64_t block = 0; block < (fused ? k_blocks : 1); ++block) {
+      const int64_t j0 = (fused ? block : zigzag(unit % k_blocks, k_blocks)) * kBlockK;
+      const int64_t nk = std::min(kBlockK, sh.kv_len - j0);
+      const int64_t Mk = round_up(nk, kRowsPerPanel);
+      const int64_t Nk = round_up(nk, kPanelCols<T>);
+      const S* k_rows = key + b * in.k.batch + hk * in.k.head + j0 * in.k.row;
+
+      copy_rows_transposed(k_rows, in.k.row, nk, E, kt_tile, kBlockK);
+      copy_rows_transposed(value + b * in.v.batch + hk * in.v.head + j0 * in.v.row, in.v.row, nk, Ev, vt_tile,
+                           kBlockK);
+      if (fused) copy_rows(k_rows, in.k.row, nk, E, k_tile, Ep);
+      std::memset(dk_acc, 0, sizeof(T) * Mk * Ep);
+      std::memset(dv_acc, 0, sizeof(T) * Mk * Evp);
+      // Causal: query i sees key j iff j <= i, so rows before j0 see none of this block.
+      const int64_t first_block = in.causal ? j0 / kBlockQ : 0;
+
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t bh = b * sh.heads + h;
+        for (int64_t i0 = first_block * kBlockQ; i0 < sh.q_len; i0 += kBlockQ) {
+          const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
+          const int64_t Mq = round_up(nq, kRowsPerPanel);
+          copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep, scale);
+          copy_rows(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, do_tile, Evp);
+          // Rows nq..Mq (stale Q, dO) give S, dP rows that only feed dQ padding rows.
+          gemm<T, false>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);     // S
+          gemm<T, false>(Mq, Nk, Ev, do_tile, Evp, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
+          const T* lse_rows = lse + bh * sh.q_len + i0;
+          const T* dot_rows = dot + bh * sh.q_len + i0;
+          for (int64_t r = 0; r < nq; ++r) {
+            const int64_t i = i0 + r;
+            T* s = s_tile + r * kBlockK;
+            logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, s);
+            probabilities_and_grad(nk, s, dp_tile + r * kBlockK, lse_rows + r, dot_rows + r, 0);
+          }
+          // P and dS columns nk..Mk (unprocessed) only feed dK/dV rows that are never written out.
+          gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_tile, Evp, dv_acc, Evp, true);  // dV += P^T dO
+          gemm<T, true>(Mk, Ep, nq, dp_tile, kBlockK, q_tile, Ep, dk_acc, Ep, true);     // dK += dS^T (scale Q)
+          if (fused) {  // dQ += dS K; rows nq..Mq land in the accumulator's padding rows
+            gemm<T, false>(Mq, Ep, nk, dp_tile, kBlockK, k_tile, Ep, dq_accumulator + (bh * q_rows_padded + i0) * ldq,
+                           ldq, true);
+          }
+        }
+      }
+
+      S* dk = grad_key + ((b * sh.kv_heads + hk) * sh.kv_len + j0) * E;
+      S* dv = grad_value + ((b * sh.kv_heads + hk) * sh.kv_len + j0) * Ev;
+      for (int64_t c = 0; c < nk; ++c) {
+#pragma omp simd
+        for (int64_t e = 0; e < E; ++e) dk[c * E + e] = store<S>(dk_acc[c * Ep + e]);
+#pragma omp simd
+        for (int64_t e = 0; e < Ev; ++e) dv[c * Ev + e] = store<S>(dv_acc[c * Evp + e]);
+      }
+    }
+
+    if (fused) {
+      S* grad_query = static_cast<S*>(args.grad_query);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const int64_t bh = b * sh.heads + h;
+        for (int64_t i = 0; i < sh.q_len; ++i) {
+          const T* acc = dq_accumulator + (bh * q_rows_padded + i) * ldq;
+          S* dq = grad_query + (bh * sh.q_len + i) * E;
+#pragma omp simd
+          for (int64_t e = 0; e < E; ++e) dq[e] = store<S>(acc[e] * scale);
+        }
+      }
+    }
+  }
+}
+
+// dQ for one query block (the unit): Q^T and dO^T are transposed once per unit; each key
+// block gives S^T = K Q^T and dP^T = V dO^T, then dQ += dS K reads dS from dS^T.
+template <class S>
+void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
+  using T = compute_t<S>;
+  const Inputs& in = args.in;
+  const auto& sh = in.shape;
+  const int64_t E = sh.head_dim, Ev = sh.value_dim;
+  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
+  const int64_t q_blocks = attention::ceil_div(sh.q_len, kBlockQ);
+  const int64_t group = sh.heads / sh.kv_heads;
+  const T scale = T(in.scale);
+
+  using W = Workspace<T>;
+  W ws(W::size_of(E * kBlockQ) + W::size_of(Ev * kBlockQ) + W::size_of(kBlockK * Ep) +
+       W::size_of(kBlockK * Evp) + 2 * W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Ep));
+  if (!ws.ok()) throw std::bad_alloc();
+  T* qt_tile = ws.take(E * kBlockQ);        // Q^T [E][queries]
+  T* dot_tile = ws.take(Ev * kBlockQ);      // dO^T [Ev][queries]
+  T* k_tile = ws.take(kBlockK * Ep);        // K [keys][Ep]
+  T* v_tile = ws.take(kBlockK * Evp);       // V [keys][Evp]
+  T* st_tile = ws.take(kBlockK * kBlockQ);  // S^T, then P^T
+  T* dpt_tile = ws.take(kBlockK * kBlockQ); // dP^T, then dS^T
+  T* dq_acc = ws.take(kBlockQ * Ep);
+
+  const S* query = static_cast<const S*>(in.query);
+  const S* key = static_cast<const S*>(in.key);
+  const S* value = static_cast<const S*>(in.value);
+  const S* grad_out = static_cast<const S*>(args.grad_output);
+  const RowStrides& gs = args.grad_output_strides;
+  const T* lse = static_cast<const T*>(args.logsumexp);
+  const T* dot = static_cast<const T*>(args.row_dot);
+  S* grad_query = static_cast<S*>(args.grad_query);
+
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t bh = unit / q_blocks;
+    const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / group;
+    const int64_t i0 = zigzag(unit % q_blocks, q_blocks) * kBlockQ;
+    const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
+    const int64_t Mq = round_up(nq, kRowsPerPanel);
+    const int64_t Nq = round_up(nq, kPanelCols<T>);
+
+    copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ,
+                         scale);
+    copy_rows_transposed(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, dot_tile, kBlockQ);
+    std::memset(dq_acc, 0, sizeof(T) * Mq * Ep);
+    const S* k_head = key + b * in.k.batch + hk * in.k.head;
+    const S* v_head = value + b * in.v.batch + hk * in.v.head;
+    const T* lse_rows = lse + bh * sh.q_len + i0;
+    const T* dot_rows = dot + bh * sh.q_len + i0;
+    const int64_t kv_end = visible_keys(in, i0, nq);
+
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, kv_end - j0);
+      const int64_t Mk = round_up(nk, kRowsPerPanel);
+      copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
+      copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
+      // Rows nk..Mk (stale K, V) give S^T, dP^T rows that no product below reads.
+      gemm<T, false>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, st_tile, kBlockQ, false);     // S^T
+      gemm<T, false>(Mk, Nq, Ev, v_tile, Evp, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
+      for (int64_t c = 0; c < nk; ++c) {
+        T* s = st_tile + c * kBlockQ;
+        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, s);
+        probabilities_and_grad(nq, s, dpt_tile + c * kBlockQ, lse_rows, dot_rows, 1);
+      }
+      // dS columns nq..Mq (unprocessed) only feed dQ rows that are never written out.
+      gemm<T, true>(Mq, Ep, nk, dpt_tile, kBlockQ, k_tile, Ep, dq_acc, Ep, true);  // dQ += dS K
+    }
+
+    S* dq = grad_query + (bh * sh.q_len + i0) * E;
+    for (int64_t r = 0; r < nq; ++r) {
+#pragma omp simd
+      for (int64_t e = 0; e < E; ++e) dq[r * E + e] = store<S>(dq_acc[r * Ep + e] * scale);
+    }
+  }
+}
+
+
+template <class Args, template <class> class Body>
+void dispatch(const Args& args, int64_t begin, int64_t end) {
+  cpu::dispatch_dtype(args.in.dtype, [&](auto storage) { Body<decltype(storage)>::run(args, begin, end); });
+}
+
+template <class S> struct ForwardBody {
+  static void run(const ForwardArgs& a, int64_t b, int64_t e) { forward_typed<S>(a, b, e); }
+};
+template <class S> struct RowDotBody {
+  static void run(const BackwardArgs& a, int64_t b, int64_t e) { row_dot_typed<S>(a, b, e); }
+};
+template <class S> struct KeyValueBody {
+  static void run(const BackwardArgs& a, int64_t b, int64_t e) { key_value_typed<S>(a, b, e); }
+};
+template <class S> struct QueryBody {
+  static void run(const BackwardArgs& a, int64_t b, int64_t e) { query_typed<S>(a, b, e); }
+};
+
+void forward(const ForwardArgs& a, int64_t b, int64_t e) { dispatch<ForwardArgs, ForwardBody>(a, b, e); }
+void backward_row_dot(const BackwardArgs& a, int64_t b, int64_t e) { dispatch<BackwardArgs, RowDotBody>(a, b, e); }
+void backward_key_value(const BackwardArgs& a, int64_t b, int64_t e) {
+  dispatch<BackwardArgs, KeyValueBody>(a, b, e);
+}
+void backward_query(const BackwardArgs& a, int64_t b, int64_t e) { dispatch<BackwardArgs, QueryBody>(a, b, e); }
+
+}  // namespace
+
+extern const attention::CpuKernels attention_cpu_kernels;
+const attention::CpuKernels attention_cpu_kernels = {&forward, &backward_row_dot, &backward_key_value,
+                                                      &backward_query};
+
+}  // namespace fastlayers::FL_CPU_NS
