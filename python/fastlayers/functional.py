@@ -3,5 +3,6 @@ arguments of its torch twin where one exists, runs the compiled kernel for the t
 device when available, and its pure-PyTorch reference otherwise."""
 
 from fastlayers.ops.bias_act import bias_act
+from fastlayers.ops.conv2d import conv1d, conv2d, conv2d_relu, conv2d_relu_max_pool2d
 
-__all__ = ["bias_act"]
+__all__ = ["bias_act", "conv1d", "conv2d", "conv2d_relu", "conv2d_relu_max_pool2d"]

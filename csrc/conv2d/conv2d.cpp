@@ -1,0 +1,510 @@
+// fastlayers::conv2d and its backward ops: checks, layout preparation and the CPU
+// implementation. Every pass is an offset GEMM (conv2d_kernel.h) on an NHWC image:
+//
+// * forward: A = the input, zero-padded, NHWC; B = the weight as [kh][kw][ci][co];
+//   C = the output as [pixel][co], bias and ReLU applied as each tile is stored.
+// * grad-input: the forward of grad_output placed (stride s: every s-th position,
+//   zeros between) into a zero image padded by dilation*(k-1) - padding, with the
+//   weight flipped and transposed; stride 1 wastes nothing, stride s does s*s times
+//   the useful work on zeros (correct, not fast).
+// * grad-weight: rows = (kh, kw, ci), depth = output pixels, B = grad_output as
+//   [pixel][co]; the pixels are split into chunks whose partial sums are added in
+//   chunk order (deterministic for a given shape).
+// * conv2d_relu_max_pool2d: the forward with rows ordered window by window, four
+//   pixels a 2x2 window, computed into a per-task scratch block and pooled at once;
+//   the pre-pool activation never exists as a tensor, and conv pixels outside every
+//   window (odd last row/column) are not computed.
+//
+// float16/bfloat16 inputs compute in float32 (as torch's CPU convolution accumulates)
+// and round the result.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/torch_utils.h"
+#include "conv2d/conv2d_kernel.h"
+
+namespace fastlayers::conv2d {
+namespace {
+
+struct Geometry {
+  int64_t batch = 0, in_channels = 0, height = 0, width = 0;
+  int64_t out_channels = 0, kernel_h = 0, kernel_w = 0;
+  int64_t out_h = 0, out_w = 0;
+  int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dilation_h = 1, dilation_w = 1;
+  int64_t groups = 1;
+  int64_t in_per_group() const { return in_channels / groups; }
+  int64_t out_per_group() const { return out_channels / groups; }
+};
+
+int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+void check_params(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  int64_t groups) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 elements each, got ", stride, ", ", padding, ", ",
+              dilation);
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": non-positive stride is not supported, got stride=", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": negative padding is not supported, got padding=",
+              padding);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": non-positive dilation is not supported, got dilation=",
+              dilation);
+  TORCH_CHECK(groups > 0, op, ": non-positive groups is not supported, got groups=", groups);
+}
+
+// The shapes of the input and weight (sizes only), checked as torch checks them.
+Geometry make_geometry(const char* op, at::IntArrayRef input_size, at::IntArrayRef weight_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_params(op, stride, padding, dilation, groups);
+  TORCH_CHECK(input_size.size() == 4, op, ": expected a 4-D input (N, C, H, W), got shape ", input_size);
+  TORCH_CHECK(weight_size.size() == 4, op, ": expected a 4-D weight (C_out, C_in / groups, kH, kW), got shape ",
+              weight_size);
+  Geometry g;
+  g.batch = input_size[0];
+  g.in_channels = input_size[1];
+  g.height = input_size[2];
+  g.width = input_size[3];
+  g.out_channels = weight_size[0];
+  g.kernel_h = weight_size[2];
+  g.kernel_w = weight_size[3];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  g.groups = groups;
+  TORCH_CHECK(g.out_channels % groups == 0, op, ": given groups=", groups, ", expected weight to be divisible by ",
+              groups, " at dimension 0, but got weight of shape ", weight_size);
+  TORCH_CHECK(g.in_channels == weight_size[1] * groups, op, ": given groups=", groups, ", weight of size ",
+              weight_size, ", expected input", input_size, " to have ", weight_size[1] * groups,
+              " channels, but got ", g.in_channels, " channels instead");
+  TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0, op, ": weight must have a non-empty kernel, got shape ",
+              weight_size);
+  const int64_t span_h = g.dilation_h * (g.kernel_h - 1) + 1;
+  const int64_t span_w = g.dilation_w * (g.kernel_w - 1) + 1;
+  TORCH_CHECK(g.height + 2 * g.pad_h >= span_h && g.width + 2 * g.pad_w >= span_w, op,
+              ": calculated padded input size per channel: (", g.height + 2 * g.pad_h, " x ",
+              g.width + 2 * g.pad_w, "). Kernel size: (", span_h, " x ", span_w,
+              "). Kernel size can't be greater than actual input size");
+  g.out_h = (g.height + 2 * g.pad_h - span_h) / g.stride_h + 1;
+  g.out_w = (g.width + 2 * g.pad_w - span_w) / g.stride_w + 1;
+  return g;
+}
+
+void check_same(const char* op, const at::Tensor& input, const char* arg, const at::Tensor& other) {
+  TORCH_CHECK(other.device() == input.device(), op, ": ", arg, " is on ", other.device(), " but input is on ",
+              input.device());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": input type (", input.scalar_type(), ") and ", arg,
+              " type (", other.scalar_type(), ") should be the same");
+}
+
+Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups) {
+  kernel_dtype(input, op, "input");
+  check_same(op, input, "weight", weight);
+  Geometry g = make_geometry(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
+  if (bias.has_value()) {
+    check_same(op, input, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, op, ": expected bias of shape [",
+                g.out_channels, "] (the weight's dimension 0), got ", bias->sizes());
+  }
+  return g;
+}
+
+// torch's rule for the output layout of a CPU convolution.
+bool wants_channels_last(const at::Tensor& input, const at::Tensor& weight) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+         weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// [N, C, H, W] values placed into a zero [N, rows, cols, C] (NHWC) image: element
+// (i, j) lands at (top + i * step_h, left + j * step_w); what falls outside is dropped.
+at::Tensor place_nhwc(const at::Tensor& x, int64_t rows, int64_t cols, int64_t top, int64_t left, int64_t step_h,
+                      int64_t step_w) {
+  const int64_t h = x.size(2), w = x.size(3);
+  at::Tensor nhwc = x.permute({0, 2, 3, 1});
+  if (top == 0 && left == 0 && step_h == 1 && step_w == 1 && rows == h && cols == w) {
+    return nhwc.contiguous();
+  }
+  at::Tensor image = at::zeros({x.size(0), rows, cols, x.size(1)}, x.options());
+  auto first_inside = [](int64_t origin, int64_t step) { return origin >= 0 ? 0 : (-origin + step - 1) / step; };
+  auto end_inside = [](int64_t origin, int64_t step, int64_t extent, int64_t n) {
+    return std::min(n, origin >= extent ? 0 : (extent - 1 - origin) / step + 1);
+  };
+  const int64_t i0 = first_inside(top, step_h), i1 = end_inside(top, step_h, rows, h);
+  const int64_t j0 = first_inside(left, step_w), j1 = end_inside(left, step_w, cols, w);
+  if (i0 >= i1 || j0 >= j1) return image;
+  image.slice(1, top + i0 * step_h, top + (i1 - 1) * step_h + 1, step_h)
+      .slice(2, left + j0 * step_w, left + (j1 - 1) * step_w + 1, step_w)
+      .copy_(nhwc.slice(1, i0, i1).slice(2, j0, j1));
+  return image;
+}
+
+// [G, rows, cols] -> [G, rows, round_up(cols, kColumnPad)], zero-filled.
+at::Tensor pad_columns(const at::Tensor& b) {
+  const int64_t cols = b.size(2);
+  at::Tensor padded = at::zeros({b.size(0), b.size(1), round_up(std::max<int64_t>(cols, 1), kColumnPad)},
+                                b.options());
+  padded.narrow(2, 0, cols).copy_(b);
+  return padded;
+}
+
+// The offset-GEMM description of one convolution over an NHWC image.
+struct ConvPass {
+  at::Tensor image;  // [N, rows, cols, channels], contiguous
+  int64_t out_h = 0, out_w = 0, stride_h = 1, stride_w = 1, dilation_h = 1, dilation_w = 1;
+  int64_t kernel_h = 1, kernel_w = 1, groups = 1;
+  int64_t depth_channels = 0;  // per group
+  int64_t out_columns = 0;     // per group
+  at::Tensor packed;           // [G, kernel_h * kernel_w * depth_channels, ldb]
+  at::Tensor bias;             // [G, ldb] or undefined
+  bool relu = false;
+};
+
+// Offsets of the receptive-field corners of output pixels (n, oh, ow) in `image`.
+std::vector<int64_t> pixel_offsets(const ConvPass& p) {
+  const int64_t n = p.image.size(0), rows = p.image.size(1), cols = p.image.size(2), ch = p.image.size(3);
+  std::vector<int64_t> offsets(size_t(n * p.out_h * p.out_w));
+  int64_t* o = offsets.data();
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t oh = 0; oh < p.out_h; ++oh)
+      for (int64_t ow = 0; ow < p.out_w; ++ow)
+        *o++ = ((b * rows + oh * p.stride_h) * cols + ow * p.stride_w) * ch;
+  return offsets;
+}
+
+// Offsets of (kh, kw, ci) inside a receptive field, ci within one group.
+std::vector<int64_t> field_offsets(const ConvPass& p) {
+  const int64_t cols = p.image.size(2), ch = p.image.size(3);
+  std::vector<int64_t> offsets;
+  offsets.reserve(size_t(p.kernel_h * p.kernel_w * p.depth_channels));
+  for (int64_t kh = 0; kh < p.kernel_h; ++kh)
+    for (int64_t kw = 0; kw < p.kernel_w; ++kw)
+      for (int64_t ci = 0; ci < p.depth_channels; ++ci)
+        offsets.push_back((kh * p.dilation_h * cols + kw * p.dilation_w) * ch + ci);
+  return offsets;
+}
+
+// Rows a parallel task computes: a multiple of every tile height (6, 8, 12) and of the
+// 4 rows of a pooling window; smaller when there would be too few tasks for the threads.
+int64_t rows_per_task(int64_t rows, int64_t groups) {
+  const int64_t target_tasks = 8 * at::get_num_threads();
+  int64_t block = 192;
+  while (block > 24 && groups * ((rows + block - 1) / block) < target_tasks) block /= 2;
+  return block;
+}
+
+OffsetGemmArgs gemm_args(const ConvPass& p, const int64_t* row_offsets, const int64_t* depth_offsets,
+                         int64_t group, void* c, int64_t ldc) {
+  const int64_t elem = p.image.element_size();
+  OffsetGemmArgs args;
+  args.a = static_cast<const char*>(p.image.const_data_ptr()) + group * p.depth_channels * elem;
+  args.row_offsets = row_offsets;
+  args.depth_offsets = depth_offsets;
+  args.depth = p.packed.size(1);
+  args.ldb = p.packed.size(2);
+  args.b = static_cast<const char*>(p.packed.const_data_ptr()) + group * args.depth * args.ldb * elem;
+  args.c = static_cast<char*>(c) + group * p.out_columns * elem;
+  args.ldc = ldc;
+  args.columns = p.out_columns;
+  args.bias = p.bias.defined() ? static_cast<const char*>(p.bias.const_data_ptr()) + group * args.ldb * elem
+                               : nullptr;
+  args.relu = p.relu;
+  args.dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  return args;
+}
+
+// Runs a pass into a new [N, out_h, out_w, G * out_columns] tensor.
+at::Tensor run_pass(const ConvPass& p) {
+  const int64_t n = p.image.size(0);
+  at::Tensor out = at::empty({n, p.out_h, p.out_w, p.groups * p.out_columns}, p.image.options());
+  const int64_t rows = n * p.out_h * p.out_w;
+  if (rows == 0 || out.numel() == 0) return out;
+  const std::vector<int64_t> rows_offsets = pixel_offsets(p);
+  const std::vector<int64_t> depth_offsets = field_offsets(p);
+  const int64_t block = rows_per_task(rows, p.groups);
+  const int64_t blocks = (rows + block - 1) / block;
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  void* c = out.mutable_data_ptr();
+  const int64_t ldc = out.size(3);
+  at::parallel_for(0, blocks * p.groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / blocks, row_begin = (task % blocks) * block;
+      OffsetGemmArgs args = gemm_args(p, rows_offsets.data(), depth_offsets.data(), group, c, ldc);
+      kernels.offset_gemm(args, row_begin, std::min(rows, row_begin + block));
+    }
+  });
+  return out;
+}
+
+bool is_reduced_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor to_compute(const at::Tensor& t) { return is_reduced_precision(t) ? t.to(at::kFloat) : t; }
+
+// Weight [C_out, C_in/G, kh, kw] -> B [G, kh * kw * C_in/G, pad(C_out/G)].
+at::Tensor pack_forward_weight(const at::Tensor& weight, const Geometry& g) {
+  at::Tensor w = weight.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  return pad_columns(w.permute({0, 3, 4, 2, 1}).reshape({g.groups, -1, g.out_per_group()}));
+}
+
+// The pass over the zero-padded input image, without its B operand.
+ConvPass input_pass(const at::Tensor& input, const Geometry& g) {
+  ConvPass p;
+  p.image = place_nhwc(input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.pad_h, g.pad_w, 1, 1);
+  p.out_h = g.out_h;
+  p.out_w = g.out_w;
+  p.stride_h = g.stride_h;
+  p.stride_w = g.stride_w;
+  p.dilation_h = g.dilation_h;
+  p.dilation_w = g.dilation_w;
+  p.kernel_h = g.kernel_h;
+  p.kernel_w = g.kernel_w;
+  p.groups = g.groups;
+  p.depth_channels = g.in_per_group();
+  p.out_columns = g.out_per_group();
+  return p;
+}
+
+ConvPass forward_pass(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const Geometry& g, bool relu) {
+  ConvPass p = input_pass(input, g);
+  p.packed = pack_forward_weight(weight, g);
+  if (bias.has_value()) p.bias = pad_columns(bias->reshape({g.groups, 1, g.out_per_group()})).squeeze(1);
+  p.relu = relu;
+  return p;
+}
+
+// [N, H, W, C] -> an [N, C, H, W] tensor, channels_last or contiguous.
+at::Tensor from_nhwc(const at::Tensor& nhwc, bool channels_last) {
+  at::Tensor nchw = nhwc.permute({0, 3, 1, 2});
+  return channels_last ? nchw : nchw.contiguous();
+}
+
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      bool relu) {
+  const Geometry g = check_forward("conv2d", input, weight, bias, stride, padding, dilation, groups);
+  const bool channels_last = wants_channels_last(input, weight);
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(to_compute(*bias)) : std::nullopt;
+  at::Tensor out = run_pass(forward_pass(to_compute(input), to_compute(weight), b, g, relu));
+  return from_nhwc(out, channels_last).to(input.scalar_type());
+}
+
+at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
+                                     at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_input";
+  kernel_dtype(grad_output, op, "grad_output");
+  check_same(op, grad_output, "weight", weight);
+  const Geometry g = make_geometry(op, input_size, weight.sizes(), stride, padding, dilation, groups);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
+                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+              op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
+              "], got ", grad_output.sizes());
+  const bool channels_last = grad_output.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  ConvPass p;
+  p.image = place_nhwc(to_compute(grad_output), g.height + g.dilation_h * (g.kernel_h - 1),
+                       g.width + g.dilation_w * (g.kernel_w - 1), g.dilation_h * (g.kernel_h - 1) - g.pad_h,
+                       g.dilation_w * (g.kernel_w - 1) - g.pad_w, g.stride_h, g.stride_w);
+  p.out_h = g.height;
+  p.out_w = g.width;
+  p.dilation_h = g.dilation_h;
+  p.dilation_w = g.dilation_w;
+  p.kernel_h = g.kernel_h;
+  p.kernel_w = g.kernel_w;
+  p.groups = g.groups;
+  p.depth_channels = g.out_per_group();
+  p.out_columns = g.in_per_group();
+  // B[g][(kh', kw', co)][ci] = weight[g, co, ci, k_h - 1 - kh', k_w - 1 - kw']
+  at::Tensor w = to_compute(weight).reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  p.packed = pad_columns(w.flip({3, 4}).permute({0, 3, 4, 1, 2}).reshape({g.groups, -1, g.in_per_group()}));
+  at::Tensor grad_input = run_pass(p);
+  return from_nhwc(grad_input, channels_last).to(grad_output.scalar_type());
+}
+
+at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                      at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_weight";
+  kernel_dtype(input, op, "input");
+  check_same(op, input, "grad_output", grad_output);
+  const Geometry g = make_geometry(op, input.sizes(), weight_size, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
+                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+              op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
+              "], got ", grad_output.sizes());
+  const int64_t field = g.kernel_h * g.kernel_w * g.in_per_group();
+  const int64_t pixels = g.batch * g.out_h * g.out_w;
+  at::Tensor x = to_compute(input);
+  const ConvPass p = input_pass(x, g);
+  // grad_output as B: [G, pixels, pad(C_out/G)]
+  at::Tensor go = to_compute(grad_output).permute({0, 2, 3, 1}).reshape({pixels, g.groups, g.out_per_group()});
+  at::Tensor packed_go = pad_columns(go.permute({1, 0, 2}));
+  const int64_t row_block = rows_per_task(field, g.groups);
+  const int64_t row_blocks = (field + row_block - 1) / row_block;
+  const int64_t target_tasks = 8 * at::get_num_threads();
+  int64_t chunks = std::max<int64_t>(1, target_tasks / (g.groups * row_blocks));
+  chunks = std::min(chunks, std::max<int64_t>(1, pixels / 256));
+  const int64_t chunk_pixels = (pixels + chunks - 1) / chunks;
+  chunks = pixels == 0 ? 1 : (pixels + chunk_pixels - 1) / chunk_pixels;
+  // [chunks, G, field, C_out/G]: partial sums over chunks of output pixels
+  at::Tensor partials = at::zeros({chunks, g.groups, field, g.out_per_group()}, x.options());
+  if (pixels > 0 && partials.numel() > 0) {
+    const std::vector<int64_t> pixel_offs = pixel_offsets(p);  // depth of this GEMM
+    const std::vector<int64_t> field_offs = field_offsets(p);  // rows of this GEMM
+    const int64_t elem = x.element_size();
+    const CpuKernels& kernels = conv2d_cpu_kernels_select();
+    const int64_t tasks = chunks * g.groups * row_blocks;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t chunk = task / (g.groups * row_blocks);
+        const int64_t group = (task / row_blocks) % g.groups;
+        const int64_t row_begin = (task % row_blocks) * row_block;
+        const int64_t pixel_begin = chunk * chunk_pixels;
+        OffsetGemmArgs args;
+        args.a = static_cast<const char*>(p.image.const_data_ptr()) + group * g.in_per_group() * elem;
+        args.row_offsets = field_offs.data();
+        args.depth_offsets = pixel_offs.data() + pixel_begin;
+        args.depth = std::min(chunk_pixels, pixels - pixel_begin);
+        args.ldb = packed_go.size(2);
+        args.b = static_cast<const char*>(packed_go.const_data_ptr()) +
+                 (group * pixels + pixel_begin) * args.ldb * elem;
+        args.ldc = g.out_per_group();
+        args.c = static_cast<char*>(partials.mutable_data_ptr()) + (chunk * g.groups + group) * field * args.ldc * elem;
+        args.columns = g.out_per_group();
+        args.dtype = x.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+        kernels.offset_gemm(args, row_begin, std::min(field, row_begin + row_block));
+      }
+    });
+  }
+  // [G, kh, kw, ci, co] -> [G, co, ci, kh, kw]
+  at::Tensor sum = partials.sum(0).reshape({g.groups, g.kernel_h, g.kernel_w, g.in_per_group(), g.out_per_group()});
+  return sum.permute({0, 4, 3, 1, 2}).reshape(weight_size).contiguous().to(input.scalar_type());
+}
+
+at::Tensor conv2d_backward_bias_cpu(const at::Tensor& grad_output) {
+  const char* op = "conv2d_backward_bias";
+  kernel_dtype(grad_output, op, "grad_output");
+  TORCH_CHECK(grad_output.dim() == 4, op, ": expected a 4-D grad_output, got shape ", grad_output.sizes());
+  return to_compute(grad_output).sum({0, 2, 3}).to(grad_output.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                                              at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_relu_max_pool2d";
+  const Geometry g = check_forward(op, input, weight, bias, stride, padding, dilation, groups);
+  TORCH_CHECK(g.out_h >= 2 && g.out_w >= 2, op, ": the convolution output (", g.out_h, " x ", g.out_w,
+              ") is smaller than the 2x2 pooling window");
+  const bool channels_last = wants_channels_last(input, weight);
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(to_compute(*bias)) : std::nullopt;
+  ConvPass p = forward_pass(to_compute(input), to_compute(weight), b, g, /*relu=*/true);
+  const int64_t pooled_h = g.out_h / 2, pooled_w = g.out_w / 2;
+  const int64_t windows = g.batch * pooled_h * pooled_w;
+  at::Tensor pooled = at::empty({g.batch, pooled_h, pooled_w, g.out_channels}, p.image.options());
+  at::Tensor argmax = at::empty({g.batch, pooled_h, pooled_w, g.out_channels}, p.image.options().dtype(at::kByte));
+  if (windows > 0 && g.out_channels > 0) {
+    // Row 4w + q is pixel (2 ph + q / 2, 2 pw + q % 2) of window w = (n, ph, pw).
+    const int64_t rows_img = p.image.size(1), cols_img = p.image.size(2), ch = p.image.size(3);
+    std::vector<int64_t> row_offsets(size_t(4 * windows));
+    int64_t* o = row_offsets.data();
+    for (int64_t n = 0; n < g.batch; ++n)
+      for (int64_t ph = 0; ph < pooled_h; ++ph)
+        for (int64_t pw = 0; pw < pooled_w; ++pw)
+          for (int64_t q = 0; q < 4; ++q)
+            *o++ = ((n * rows_img + (2 * ph + q / 2) * g.stride_h) * cols_img + (2 * pw + q % 2) * g.stride_w) * ch;
+    const std::vector<int64_t> depth_offsets = field_offsets(p);
+    const int64_t block = rows_per_task(4 * windows, 1);  // a multiple of 4: whole windows
+    const int64_t blocks = (4 * windows + block - 1) / block;
+    const CpuKernels& kernels = conv2d_cpu_kernels_select();
+    const int64_t elem = p.image.element_size();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<char> scratch(size_t(block * g.out_channels * elem));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row_begin = task * block, row_end = std::min(4 * windows, row_begin + block);
+        // The scratch block holds rows [row_begin, row_end) at row index r - row_begin.
+        for (int64_t group = 0; group < g.groups; ++group) {
+          OffsetGemmArgs args = gemm_args(p, row_offsets.data() + row_begin, depth_offsets.data(), group,
+                                          scratch.data(), g.out_channels);
+          kernels.offset_gemm(args, 0, row_end - row_begin);
+        }
+        PoolArgs pool;
+        pool.conv = scratch.data();
+        pool.ldc = g.out_channels;
+        pool.columns = g.out_channels;
+        pool.pooled = static_cast<char*>(pooled.mutable_data_ptr()) + (row_begin / 4) * g.out_channels * elem;
+        pool.argmax = argmax.mutable_data_ptr<uint8_t>() + (row_begin / 4) * g.out_channels;
+        pool.dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+        kernels.max_pool_2x2(pool, 0, (row_end - row_begin) / 4);
+      }
+    });
+  }
+  return {from_nhwc(pooled, channels_last).to(input.scalar_type()), from_nhwc(argmax, channels_last)};
+}
+
+template <class T>
+void unpool_relu(const T* grad, const T* pooled, const uint8_t* argmax, T* grad_conv, int64_t batch,
+                 int64_t pooled_h, int64_t pooled_w, int64_t conv_h, int64_t conv_w, int64_t channels) {
+  at::parallel_for(0, batch * pooled_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / pooled_h, ph = row % pooled_h;
+      for (int64_t pw = 0; pw < pooled_w; ++pw) {
+        const int64_t w = row * pooled_w + pw;
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t at = w * channels + c;
+          const int64_t q = argmax[at];
+          const int64_t pixel = (n * conv_h + 2 * ph + q / 2) * conv_w + 2 * pw + q % 2;
+          // threshold_backward's rule: the gradient passes unless the output is <= 0.
+          grad_conv[pixel * channels + c] = pooled[at] <= T(0) ? T(0) : grad[at];
+        }
+      }
+    }
+  });
+}
+
+at::Tensor conv2d_relu_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output,
+                                               const at::Tensor& argmax, at::IntArrayRef conv_size) {
+  const char* op = "conv2d_relu_max_pool2d_backward";
+  kernel_dtype(output, op, "output");
+  check_same(op, output, "grad_output", grad_output);
+  TORCH_CHECK(conv_size.size() == 4, op, ": conv_size must have 4 elements, got ", conv_size);
+  TORCH_CHECK(output.dim() == 4 && output.size(0) == conv_size[0] && output.size(1) == conv_size[1] &&
+                  output.size(2) == conv_size[2] / 2 && output.size(3) == conv_size[3] / 2,
+              op, ": output of shape ", output.sizes(), " is not the 2x2 pooling of ", conv_size);
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
+              " but output has shape ", output.sizes());
+  TORCH_CHECK(argmax.sizes() == output.sizes() && argmax.scalar_type() == at::kByte, op,
+              ": argmax must be uint8 of shape ", output.sizes(), ", got ", argmax.scalar_type(), " ",
+              argmax.sizes());
+  at::Tensor g = to_compute(grad_output).permute({0, 2, 3, 1}).contiguous();
+  at::Tensor y = to_compute(output).permute({0, 2, 3, 1}).contiguous();
+  at::Tensor idx = argmax.permute({0, 2, 3, 1}).contiguous();
+  at::Tensor grad_conv = at::zeros({conv_size[0], conv_size[2], conv_size[3], conv_size[1]}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_relu_max_pool2d_backward", [&] {
+    unpool_relu<scalar_t>(g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(),
+                          grad_conv.mutable_data_ptr<scalar_t>(), output.size(0), output.size(2), output.size(3),
+                          conv_size[2], conv_size[3], conv_size[1]);
+  });
+  return from_nhwc(grad_conv, true).to(grad_output.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlayers, CPU, m) {
+  m.impl("conv2d", &conv2d_cpu);
+  m.impl("conv2d_backward_input", &conv2d_backward_input_cpu);
+  m.impl("conv2d_backward_weight", &conv2d_backward_weight_cpu);
+  m.impl("conv2d_backward_bias", &conv2d_backward_bias_cpu);
+  m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_cpu);
+  m.impl("conv2d_relu_max_pool2d_backward", &conv2d_relu_max_pool2d_backward_cpu);
+}
+
+}  // namespace fastlayers::conv2d

@@ -1,0 +1,68 @@
+// Torch-free interface between the conv2d ops (conv2d.cpp) and their CPU kernels
+// (conv2d_cpu_kernel.cpp, compiled once per ISA).
+//
+// Every convolution pass is one "offset GEMM" (an implicit GEMM whose A operand is
+// addressed through two offset tables instead of being materialized by im2col):
+//
+//   C[r][c] (+)= sum_t A[row_offsets[r] + depth_offsets[t]] * B[t * ldb + c]
+//
+// with A a zero-padded NHWC image. The forward takes rows = output pixels (offset of
+// the pixel's receptive-field corner), depth = (kh, kw, ci) (offset inside the field)
+// and B = the weight packed as [kh][kw][ci][co]. grad-input is the same forward run
+// on the zero-padded (and, for stride > 1, zero-dilated) grad_output with the weight
+// flipped and transposed. grad-weight swaps the tables: rows = (kh, kw, ci), depth =
+// output pixels, B = grad_output as [pixel][co]. One register-tiled micro-kernel thus
+// serves all three passes, and the fused max-pool only reorders the rows.
+#pragma once
+
+#include <cstdint>
+
+#include "common/cpu_isa.h"
+#include "common/macros.h"
+#include "common/dtype.h"
+
+namespace fastlayers::conv2d {
+
+// B and C columns are padded to a multiple of kColumnPad elements (a whole vector
+// at every ISA's width for float and double), zero-filled in B.
+constexpr int64_t kColumnPad = 16;
+
+struct OffsetGemmArgs {
+  const void* a = nullptr;               // the padded image, element type = dtype
+  const int64_t* row_offsets = nullptr;  // [rows]
+  const int64_t* depth_offsets = nullptr;  // [depth]
+  int64_t depth = 0;
+  const void* b = nullptr;  // [depth][ldb], columns >= `columns` zero
+  int64_t ldb = 0;          // multiple of kColumnPad
+  void* c = nullptr;        // row r at c + r * ldc; only the first `columns` are written
+  int64_t ldc = 0;
+  int64_t columns = 0;
+  const void* bias = nullptr;  // [ldb] (zero-padded) added to C, or null
+  bool relu = false;           // C = max(C, 0) after the bias (NaN kept, as torch.relu)
+  DType dtype = DType::kFloat32;  // float32 or float64
+};
+
+// Arguments of the 2x2 / stride-2 max-pool epilogue: `conv` holds groups of four
+// consecutive rows (the window's pixels in scan order (0,0), (0,1), (1,0), (1,1)),
+// `columns` values each at stride ldc; window w's maximum goes to pooled[w * columns]
+// and its position (0..3, the first maximum; NaN wins, as torch's max_pool2d) to
+// argmax[w * columns].
+struct PoolArgs {
+  const void* conv = nullptr;
+  int64_t ldc = 0;
+  int64_t columns = 0;
+  void* pooled = nullptr;
+  uint8_t* argmax = nullptr;
+  DType dtype = DType::kFloat32;
+};
+
+struct CpuKernels {
+  // Rows [row_begin, row_end) of C, every column; the caller parallelizes over rows.
+  void (*offset_gemm)(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end);
+  // Windows [window_begin, window_end).
+  void (*max_pool_2x2)(const PoolArgs& args, int64_t window_begin, int64_t window_end);
+};
+
+}  // namespace fastlayers::conv2d
+
+FL_DECLARE_CPU_KERNEL_TABLE(fastlayers::conv2d::CpuKernels, conv2d_cpu_kernels)
