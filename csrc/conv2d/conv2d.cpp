@@ -122,26 +122,39 @@ bool wants_channels_last(const at::Tensor& input, const at::Tensor& weight) {
          weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
-// [N, C, H, W] values placed into a zero [N, rows, cols, C] (NHWC) image: element
-// (i, j) lands at (top + i * step_h, left + j * step_w); what falls outside is dropped.
+// [N, C, H, W] values (float or double, any strides) placed into a zero [N, rows,
+// cols, C] (NHWC) image: element (i, j) lands at (top + i * step_h, left + j * step_w);
+// what falls outside is dropped; `channels` >= C pads each pixel with zeros. One pass (PlaceArgs); an input that already is the
+// image (channels_last, no padding) is used in place.
 at::Tensor place_nhwc(const at::Tensor& x, int64_t rows, int64_t cols, int64_t top, int64_t left, int64_t step_h,
-                      int64_t step_w) {
-  const int64_t h = x.size(2), w = x.size(3);
+                      int64_t step_w, int64_t channels = -1) {
+  if (channels < 0) channels = x.size(1);
   at::Tensor nhwc = x.permute({0, 2, 3, 1});
-  if (top == 0 && left == 0 && step_h == 1 && step_w == 1 && rows == h && cols == w) {
-    return nhwc.contiguous();
+  if (channels == x.size(1) && top == 0 && left == 0 && step_h == 1 && step_w == 1 && rows == x.size(2) && cols == x.size(3) &&
+      nhwc.is_contiguous()) {
+    return nhwc;
   }
-  at::Tensor image = at::zeros({x.size(0), rows, cols, x.size(1)}, x.options());
-  auto first_inside = [](int64_t origin, int64_t step) { return origin >= 0 ? 0 : (-origin + step - 1) / step; };
-  auto end_inside = [](int64_t origin, int64_t step, int64_t extent, int64_t n) {
-    return std::min(n, origin >= extent ? 0 : (extent - 1 - origin) / step + 1);
-  };
-  const int64_t i0 = first_inside(top, step_h), i1 = end_inside(top, step_h, rows, h);
-  const int64_t j0 = first_inside(left, step_w), j1 = end_inside(left, step_w, cols, w);
-  if (i0 >= i1 || j0 >= j1) return image;
-  image.slice(1, top + i0 * step_h, top + (i1 - 1) * step_h + 1, step_h)
-      .slice(2, left + j0 * step_w, left + (j1 - 1) * step_w + 1, step_w)
-      .copy_(nhwc.slice(1, i0, i1).slice(2, j0, j1));
+  at::Tensor image = at::empty({x.size(0), rows, cols, channels}, x.options());
+  if (image.numel() == 0) return image;
+  PlaceArgs args;
+  args.src = x.const_data_ptr();
+  for (int d = 0; d < 4; ++d) args.src_stride[d] = x.stride(d);
+  args.channels = x.size(1);
+  args.height = x.size(2);
+  args.width = x.size(3);
+  args.dst = image.mutable_data_ptr();
+  args.rows = rows;
+  args.cols = cols;
+  args.dst_channels = channels;
+  args.top = top;
+  args.left = left;
+  args.step_h = step_h;
+  args.step_w = step_w;
+  args.dtype = x.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, cols * channels));
+  at::parallel_for(0, x.size(0) * rows, grain,
+                   [&](int64_t begin, int64_t end) { kernels.place_image(args, begin, end); });
   return image;
 }
 
@@ -219,24 +232,50 @@ OffsetGemmArgs gemm_args(const ConvPass& p, const int64_t* row_offsets, const in
   return args;
 }
 
-// Runs a pass into a new [N, out_h, out_w, G * out_columns] tensor.
-at::Tensor run_pass(const ConvPass& p) {
-  const int64_t n = p.image.size(0);
-  at::Tensor out = at::empty({n, p.out_h, p.out_w, p.groups * p.out_columns}, p.image.options());
+// Runs a pass into a new [N, G * out_columns, out_h, out_w] tensor, channels_last or
+// contiguous. Channels_last: the tiles are stored straight into the NHWC output.
+// Contiguous (NCHW): each task computes its rows into an NHWC scratch block (L2-sized)
+// and writes it out channel by channel, instead of a separate transpose through memory.
+at::Tensor run_pass(const ConvPass& p, bool channels_last) {
+  const int64_t n = p.image.size(0), columns = p.groups * p.out_columns;
   const int64_t rows = n * p.out_h * p.out_w;
+  at::Tensor out = channels_last
+                       ? at::empty({n, p.out_h, p.out_w, columns}, p.image.options()).permute({0, 3, 1, 2})
+                       : at::empty({n, columns, p.out_h, p.out_w}, p.image.options());
   if (rows == 0 || out.numel() == 0) return out;
   const std::vector<int64_t> rows_offsets = pixel_offsets(p);
   const std::vector<int64_t> depth_offsets = field_offsets(p);
-  const int64_t block = rows_per_task(rows, p.groups);
+  const int64_t block = rows_per_task(rows, 1);
   const int64_t blocks = (rows + block - 1) / block;
   const CpuKernels& kernels = conv2d_cpu_kernels_select();
-  void* c = out.mutable_data_ptr();
-  const int64_t ldc = out.size(3);
-  at::parallel_for(0, blocks * p.groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t elem = p.image.element_size();
+  const DType dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  void* dst = out.mutable_data_ptr();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> scratch(channels_last ? 0 : size_t(block * columns * elem));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t group = task / blocks, row_begin = (task % blocks) * block;
-      OffsetGemmArgs args = gemm_args(p, rows_offsets.data(), depth_offsets.data(), group, c, ldc);
-      kernels.offset_gemm(args, row_begin, std::min(rows, row_begin + block));
+      const int64_t row_begin = task * block, row_end = std::min(rows, row_begin + block);
+      for (int64_t group = 0; group < p.groups; ++group) {
+        if (channels_last) {
+          OffsetGemmArgs args = gemm_args(p, rows_offsets.data(), depth_offsets.data(), group, dst, columns);
+          kernels.offset_gemm(args, row_begin, row_end);
+        } else {
+          OffsetGemmArgs args = gemm_args(p, rows_offsets.data() + row_begin, depth_offsets.data(), group,
+                                          scratch.data(), columns);
+          kernels.offset_gemm(args, 0, row_end - row_begin);
+        }
+      }
+      if (!channels_last) {
+        StoreNchwArgs store;
+        store.block = scratch.data();
+        store.ldc = columns;
+        store.columns = columns;
+        store.first_pixel = row_begin;
+        store.plane = p.out_h * p.out_w;
+        store.dst = dst;
+        store.dtype = dtype;
+        kernels.store_nchw(store, 0, row_end - row_begin);
+      }
     }
   });
   return out;
@@ -293,8 +332,8 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
   const Geometry g = check_forward("conv2d", input, weight, bias, stride, padding, dilation, groups);
   const bool channels_last = wants_channels_last(input, weight);
   std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(to_compute(*bias)) : std::nullopt;
-  at::Tensor out = run_pass(forward_pass(to_compute(input), to_compute(weight), b, g, relu));
-  return from_nhwc(out, channels_last).to(input.scalar_type());
+  return run_pass(forward_pass(to_compute(input), to_compute(weight), b, g, relu), channels_last)
+      .to(input.scalar_type());
 }
 
 at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
@@ -325,8 +364,7 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   // B[g][(kh', kw', co)][ci] = weight[g, co, ci, k_h - 1 - kh', k_w - 1 - kw']
   at::Tensor w = to_compute(weight).reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
   p.packed = pad_columns(w.flip({3, 4}).permute({0, 3, 4, 1, 2}).reshape({g.groups, -1, g.in_per_group()}));
-  at::Tensor grad_input = run_pass(p);
-  return from_nhwc(grad_input, channels_last).to(grad_output.scalar_type());
+  return run_pass(p, channels_last).to(grad_output.scalar_type());
 }
 
 at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
@@ -345,8 +383,14 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   at::Tensor x = to_compute(input);
   const ConvPass p = input_pass(x, g);
   // grad_output as B: [G, pixels, pad(C_out/G)]
-  at::Tensor go = to_compute(grad_output).permute({0, 2, 3, 1}).reshape({pixels, g.groups, g.out_per_group()});
-  at::Tensor packed_go = pad_columns(go.permute({1, 0, 2}));
+  at::Tensor packed_go;
+  if (g.groups == 1) {
+    packed_go = place_nhwc(to_compute(grad_output), g.out_h, g.out_w, 0, 0, 1, 1, round_up(g.out_channels, kColumnPad))
+                    .reshape({1, pixels, round_up(g.out_channels, kColumnPad)});
+  } else {
+    at::Tensor go = to_compute(grad_output).permute({0, 2, 3, 1}).reshape({pixels, g.groups, g.out_per_group()});
+    packed_go = pad_columns(go.permute({1, 0, 2}));
+  }
   const int64_t row_block = rows_per_task(field, g.groups);
   const int64_t row_blocks = (field + row_block - 1) / row_block;
   const int64_t target_tasks = 8 * at::get_num_threads();

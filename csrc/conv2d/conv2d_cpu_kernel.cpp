@@ -24,7 +24,9 @@ namespace fastlayers::FL_CPU_NS {
 namespace {
 
 using conv2d::OffsetGemmArgs;
+using conv2d::PlaceArgs;
 using conv2d::PoolArgs;
+using conv2d::StoreNchwArgs;
 
 #if defined(FL_CPU_ISA_avx512)
 constexpr int kVecBytes = 64;
@@ -253,9 +255,74 @@ void max_pool_2x2(const PoolArgs& args, int64_t window_begin, int64_t window_end
   }
 }
 
+template <class T>
+void place_image_typed(const PlaceArgs& args, int64_t row_begin, int64_t row_end) {
+  const T* src = static_cast<const T*>(args.src);
+  T* dst = static_cast<T*>(args.dst);
+  const int64_t row_len = args.cols * args.dst_channels;
+  // Channels a sweep handles: their source rows stay in L1 while the columns advance.
+  constexpr int64_t kChannelChunk = 16;
+  for (int64_t image_row = row_begin; image_row < row_end; ++image_row) {
+    const int64_t n = image_row / args.rows, row = image_row % args.rows;
+    T* out = dst + image_row * row_len;
+    std::memset(out, 0, size_t(row_len) * sizeof(T));
+    const int64_t di = row - args.top;
+    if (di < 0 || di % args.step_h != 0 || di / args.step_h >= args.height) continue;
+    const T* in = src + n * args.src_stride[0] + (di / args.step_h) * args.src_stride[2];
+    const int64_t first_j = args.left >= 0 ? 0 : (-args.left + args.step_w - 1) / args.step_w;
+    int64_t end_j = args.left >= args.cols ? 0 : (args.cols - 1 - args.left) / args.step_w + 1;
+    end_j = std::min(end_j, args.width);
+    for (int64_t c0 = 0; c0 < args.channels; c0 += kChannelChunk) {
+      const int64_t c1 = std::min(args.channels, c0 + kChannelChunk);
+      for (int64_t j = first_j; j < end_j; ++j) {
+        T* o = out + (args.left + j * args.step_w) * args.dst_channels;
+        const T* i = in + j * args.src_stride[3];
+        for (int64_t c = c0; c < c1; ++c) o[c] = i[c * args.src_stride[1]];
+      }
+    }
+  }
+}
+
+void place_image(const PlaceArgs& args, int64_t row_begin, int64_t row_end) {
+  if (args.dtype == DType::kFloat64) {
+    place_image_typed<double>(args, row_begin, row_end);
+  } else {
+    place_image_typed<float>(args, row_begin, row_end);
+  }
+}
+
+template <class T>
+void store_nchw_typed(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end) {
+  const T* block = static_cast<const T*>(args.block);
+  T* dst = static_cast<T*>(args.dst);
+  // Split [row_begin, row_end) where it crosses an image: within one image, channel c
+  // of consecutive pixels is contiguous in the destination.
+  int64_t r = row_begin;
+  while (r < row_end) {
+    const int64_t pixel = args.first_pixel + r;
+    const int64_t n = pixel / args.plane, hw = pixel % args.plane;
+    const int64_t count = std::min(row_end - r, args.plane - hw);
+    T* out = dst + n * args.columns * args.plane + hw;
+    const T* in = block + r * args.ldc;
+    for (int64_t c = 0; c < args.columns; ++c) {
+      T* o = out + c * args.plane;
+      for (int64_t k = 0; k < count; ++k) o[k] = in[k * args.ldc + c];
+    }
+    r += count;
+  }
+}
+
+void store_nchw(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end) {
+  if (args.dtype == DType::kFloat64) {
+    store_nchw_typed<double>(args, row_begin, row_end);
+  } else {
+    store_nchw_typed<float>(args, row_begin, row_end);
+  }
+}
+
 }  // namespace
 
 extern const conv2d::CpuKernels conv2d_cpu_kernels;
-const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2};
+const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw};
 
 }  // namespace fastlayers::FL_CPU_NS

@@ -56,11 +56,39 @@ struct PoolArgs {
   DType dtype = DType::kFloat32;
 };
 
+// An [N, C, H, W] tensor (any strides) placed into a dense [N, rows, cols, channels]
+// (NHWC) image: element (i, j) at (top + i * step_h, left + j * step_w), everything
+// else zero (borders, the gaps of step > 1, channels >= C). One pass, no separate fill.
+struct PlaceArgs {
+  const void* src = nullptr;
+  int64_t src_stride[4] = {0, 0, 0, 0};  // elements, in N, C, H, W order
+  int64_t channels = 0, height = 0, width = 0;
+  void* dst = nullptr;
+  int64_t rows = 0, cols = 0, dst_channels = 0;
+  int64_t top = 0, left = 0, step_h = 1, step_w = 1;
+  DType dtype = DType::kFloat32;
+};
+
+// Rows [row_begin, row_end) of an [rows][ldc] block, the consecutive pixels
+// first_pixel + r of an [N, columns, plane] (NCHW) tensor, written channel by channel.
+struct StoreNchwArgs {
+  const void* block = nullptr;
+  int64_t ldc = 0;
+  int64_t columns = 0;
+  int64_t first_pixel = 0;
+  int64_t plane = 0;  // H * W of the destination
+  void* dst = nullptr;
+  DType dtype = DType::kFloat32;
+};
+
 struct CpuKernels {
   // Rows [row_begin, row_end) of C, every column; the caller parallelizes over rows.
   void (*offset_gemm)(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end);
   // Windows [window_begin, window_end).
   void (*max_pool_2x2)(const PoolArgs& args, int64_t window_begin, int64_t window_end);
+  // Destination rows [row_begin, row_end) of the N * rows image rows.
+  void (*place_image)(const PlaceArgs& args, int64_t row_begin, int64_t row_end);
+  void (*store_nchw)(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end);
 };
 
 }  // namespace fastlayers::conv2d
