@@ -25,25 +25,12 @@
 #include <vector>
 
 #include "common/torch_utils.h"
-#include "conv2d/conv2d_kernel.h"
+#include "conv2d/conv2d.h"
 
 namespace fastlayers::conv2d {
-namespace {
 
-struct Geometry {
-  int64_t batch = 0, in_channels = 0, height = 0, width = 0;
-  int64_t out_channels = 0, kernel_h = 0, kernel_w = 0;
-  int64_t out_h = 0, out_w = 0;
-  int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dilation_h = 1, dilation_w = 1;
-  int64_t groups = 1;
-  int64_t in_per_group() const { return in_channels / groups; }
-  int64_t out_per_group() const { return out_channels / groups; }
-};
-
-int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
-
-void check_params(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                  int64_t groups) {
+static void check_params(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t groups) {
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
               ": stride, padding and dilation must have 2 elements each, got ", stride, ", ", padding, ", ",
               dilation);
@@ -55,7 +42,6 @@ void check_params(const char* op, at::IntArrayRef stride, at::IntArrayRef paddin
   TORCH_CHECK(groups > 0, op, ": non-positive groups is not supported, got groups=", groups);
 }
 
-// The shapes of the input and weight (sizes only), checked as torch checks them.
 Geometry make_geometry(const char* op, at::IntArrayRef input_size, at::IntArrayRef weight_size,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_params(op, stride, padding, dilation, groups);
@@ -116,16 +102,20 @@ Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor
   return g;
 }
 
-// torch's rule for the output layout of a CPU convolution.
 bool wants_channels_last(const at::Tensor& input, const at::Tensor& weight) {
   return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
          weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
+namespace {
+
+int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
 // [N, C, H, W] values (float or double, any strides) placed into a zero [N, rows,
 // cols, C] (NHWC) image: element (i, j) lands at (top + i * step_h, left + j * step_w);
-// what falls outside is dropped; `channels` >= C pads each pixel with zeros. One pass (PlaceArgs); an input that already is the
-// image (channels_last, no padding) is used in place.
+// what falls outside is dropped; `channels` >= C pads each pixel with zeros. One pass
+// (PlaceArgs); an input that already is the image (channels_last, no padding) is used
+// in place.
 at::Tensor place_nhwc(const at::Tensor& x, int64_t rows, int64_t cols, int64_t top, int64_t left, int64_t step_h,
                       int64_t step_w, int64_t channels = -1) {
   if (channels < 0) channels = x.size(1);

@@ -113,7 +113,7 @@ void tile_kernel(const TileArgs& t) {
     }
   }
 
-  Vec bias[V];
+  Vec bias[V] = {};
   if (t.bias) {
     const T* bias_ptr = static_cast<const T*>(t.bias);
 #pragma GCC unroll 4

@@ -91,6 +91,40 @@ struct CpuKernels {
   void (*store_nchw)(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end);
 };
 
+#if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
+// The CUDA implicit GEMM: the same offset GEMM, with the offsets decoded from the
+// geometry in the kernel instead of tables. Storage float32/float64/float16/bfloat16,
+// accumulation float (double for float64).
+enum class CudaGemmMode : int {
+  kForward = 0,     // rows = output pixels, depth = (kh, kw, ci); C = S, bias + ReLU epilogue
+  kWindows = 1,     // rows = pixels window by window; epilogue bias + ReLU + 2x2 max-pool
+  kWeightGrad = 2,  // rows = (kh, kw, ci), depth = output pixels; C (accumulator type) += atomically
+};
+
+struct CudaGemmArgs {
+  CudaGemmMode mode = CudaGemmMode::kForward;
+  DType dtype = DType::kFloat32;
+  const void* image = nullptr;  // [batch][image_rows][image_cols][image_channels]
+  int64_t image_rows = 0, image_cols = 0, image_channels = 0;
+  int64_t batch = 0, out_h = 0, out_w = 0;
+  int64_t stride_h = 1, stride_w = 1, dilation_h = 1, dilation_w = 1, kernel_h = 1, kernel_w = 1;
+  int64_t depth_channels = 0;  // image channels of one group
+  int64_t groups = 1;
+  const void* b = nullptr;  // element (t, c) of group g at b[g * b_group_stride + t * ldb + c]
+  int64_t ldb = 0, b_group_stride = 0;
+  void* c = nullptr;  // element (r, c) of group g at c[g * c_group_stride + r * ldc + c]
+  int64_t ldc = 0, c_group_stride = 0;
+  int64_t columns = 0;         // per group
+  const void* bias = nullptr;  // [groups * columns] or null
+  bool relu = false;
+  void* pooled = nullptr;      // kWindows: [windows][groups * columns]
+  uint8_t* argmax = nullptr;   // kWindows: [windows][groups * columns]
+};
+
+// Returns a cudaError_t as int (0 = success); `stream` is a cudaStream_t.
+int launch_offset_gemm_cuda(const CudaGemmArgs& args, void* stream);
+#endif
+
 }  // namespace fastlayers::conv2d
 
 FL_DECLARE_CPU_KERNEL_TABLE(fastlayers::conv2d::CpuKernels, conv2d_cpu_kernels)
