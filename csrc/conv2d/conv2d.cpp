@@ -484,20 +484,36 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cpu(const at::Tensor& 
   return {from_nhwc(pooled, channels_last).to(input.scalar_type()), from_nhwc(argmax, channels_last)};
 }
 
+// grad_conv (NHWC, dense) from the pooled gradient, output and argmax (any strides):
+// each conv pixel takes its window's gradient if it is the window's argmax and the
+// pooled output is not <= 0 (threshold_backward's rule), else 0. One pass over
+// grad_conv, no separate fill; conv pixels outside every window get 0.
 template <class T>
-void unpool_relu(const T* grad, const T* pooled, const uint8_t* argmax, T* grad_conv, int64_t batch,
-                 int64_t pooled_h, int64_t pooled_w, int64_t conv_h, int64_t conv_w, int64_t channels) {
-  at::parallel_for(0, batch * pooled_h, 1, [&](int64_t begin, int64_t end) {
+void unpool_relu(const at::Tensor& grad, const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& grad_conv) {
+  const T* g = grad.const_data_ptr<T>();
+  const T* y = pooled.const_data_ptr<T>();
+  const uint8_t* idx = argmax.const_data_ptr<uint8_t>();
+  T* out = grad_conv.mutable_data_ptr<T>();
+  const int64_t conv_h = grad_conv.size(1), conv_w = grad_conv.size(2), channels = grad_conv.size(3);
+  const int64_t pooled_h = pooled.size(2), pooled_w = pooled.size(3);
+  const auto gs = grad.strides(), ys = pooled.strides(), is = argmax.strides();
+  at::parallel_for(0, grad_conv.size(0) * conv_h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / pooled_h, ph = row % pooled_h;
-      for (int64_t pw = 0; pw < pooled_w; ++pw) {
-        const int64_t w = row * pooled_w + pw;
+      const int64_t n = row / conv_h, oh = row % conv_h, ph = oh / 2;
+      T* o = out + row * conv_w * channels;
+      for (int64_t ow = 0; ow < conv_w; ++ow, o += channels) {
+        const int64_t pw = ow / 2;
+        if (ph >= pooled_h || pw >= pooled_w) {
+          for (int64_t c = 0; c < channels; ++c) o[c] = T(0);
+          continue;
+        }
+        const uint8_t q = uint8_t((oh % 2) * 2 + ow % 2);
+        const int64_t gi = n * gs[0] + ph * gs[2] + pw * gs[3];
+        const int64_t yi = n * ys[0] + ph * ys[2] + pw * ys[3];
+        const int64_t ii = n * is[0] + ph * is[2] + pw * is[3];
         for (int64_t c = 0; c < channels; ++c) {
-          const int64_t at = w * channels + c;
-          const int64_t q = argmax[at];
-          const int64_t pixel = (n * conv_h + 2 * ph + q / 2) * conv_w + 2 * pw + q % 2;
-          // threshold_backward's rule: the gradient passes unless the output is <= 0.
-          grad_conv[pixel * channels + c] = pooled[at] <= T(0) ? T(0) : grad[at];
+          const bool pass = idx[ii + c * is[1]] == q && !(y[yi + c * ys[1]] <= T(0));
+          o[c] = pass ? g[gi + c * gs[1]] : T(0);
         }
       }
     }
@@ -518,15 +534,11 @@ at::Tensor conv2d_relu_max_pool2d_backward_cpu(const at::Tensor& grad_output, co
   TORCH_CHECK(argmax.sizes() == output.sizes() && argmax.scalar_type() == at::kByte, op,
               ": argmax must be uint8 of shape ", output.sizes(), ", got ", argmax.scalar_type(), " ",
               argmax.sizes());
-  at::Tensor g = to_compute(grad_output).permute({0, 2, 3, 1}).contiguous();
-  at::Tensor y = to_compute(output).permute({0, 2, 3, 1}).contiguous();
-  at::Tensor idx = argmax.permute({0, 2, 3, 1}).contiguous();
-  at::Tensor grad_conv = at::zeros({conv_size[0], conv_size[2], conv_size[3], conv_size[1]}, g.options());
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_relu_max_pool2d_backward", [&] {
-    unpool_relu<scalar_t>(g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(),
-                          grad_conv.mutable_data_ptr<scalar_t>(), output.size(0), output.size(2), output.size(3),
-                          conv_size[2], conv_size[3], conv_size[1]);
-  });
+  at::Tensor g = to_compute(grad_output);
+  at::Tensor y = to_compute(output);
+  at::Tensor grad_conv = at::empty({conv_size[0], conv_size[2], conv_size[3], conv_size[1]}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_relu_max_pool2d_backward",
+                             [&] { unpool_relu<scalar_t>(g, y, argmax, grad_conv); });
   return from_nhwc(grad_conv, true).to(grad_output.scalar_type());
 }
 
