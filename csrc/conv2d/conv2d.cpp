@@ -389,7 +389,10 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   const int64_t chunk_pixels = (pixels + chunks - 1) / chunks;
   chunks = pixels == 0 ? 1 : (pixels + chunk_pixels - 1) / chunk_pixels;
   // [chunks, G, field, C_out/G]: partial sums over chunks of output pixels
-  at::Tensor partials = at::zeros({chunks, g.groups, field, g.out_per_group()}, x.options());
+  // Every element is written by its chunk's GEMM (its first depth block stores), so only
+  // an empty reduction (no pixels) needs the zeros.
+  at::Tensor partials = pixels > 0 ? at::empty({chunks, g.groups, field, g.out_per_group()}, x.options())
+                                   : at::zeros({chunks, g.groups, field, g.out_per_group()}, x.options());
   if (pixels > 0 && partials.numel() > 0) {
     const std::vector<int64_t> pixel_offs = pixel_offsets(p);  // depth of this GEMM
     const std::vector<int64_t> field_offs = field_offsets(p);  // rows of this GEMM
