@@ -46,6 +46,7 @@ CASES = [
     (1, 3, 5, 5, 5, 3, 3, 4, (1, 2), 1),
     (3, 2, 33, 16, 16, 2, 2, 0, 1, 1),
     (1, 16, 200, 5, 5, 3, 1, 1, 1, 2),
+    (2, 80, 80, 9, 7, 3, 2, 1, 1, 80),
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
@@ -159,7 +160,7 @@ def cpu_isa(request):
     _extension._C.set_cpu_isa(previous)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[8], CASES[11]], ids=["k5s2", "c70to100", "c33"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[8], CASES[11]], ids=["k5s2", "depthwise", "c70to100", "c33"])
 def test_every_cpu_isa_matches_the_oracle(cpu_isa, case):
     for dtype in (torch.float32, torch.float64):
         x, weight, bias, kwargs = _tensors(case, dtype, requires_grad=True)

@@ -241,11 +241,41 @@ at::Tensor run_pass(const ConvPass& p, bool channels_last) {
   const int64_t elem = p.image.element_size();
   const DType dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
   void* dst = out.mutable_data_ptr();
+  // Depthwise (one channel in and out a group): the channel-vectorized kernel; its
+  // weight [taps][channels] and bias [channels] are column 0 of the packed ones.
+  const bool depthwise = p.depth_channels == 1 && p.out_columns == 1 && p.groups > 1;
+  at::Tensor dw_weight, dw_bias;
+  DepthwiseArgs dw;
+  if (depthwise) {
+    dw_weight = p.packed.select(2, 0).t().contiguous();
+    if (p.bias.defined()) dw_bias = p.bias.select(1, 0).contiguous();
+    dw.image = p.image.const_data_ptr();
+    dw.row_offsets = rows_offsets.data();
+    dw.tap_offsets = depth_offsets.data();
+    dw.taps = dw_weight.size(0);
+    dw.weight = dw_weight.const_data_ptr();
+    dw.bias = dw_bias.defined() ? dw_bias.const_data_ptr() : nullptr;
+    dw.relu = p.relu;
+    dw.ldc = columns;
+    dw.channels = columns;
+    dw.dtype = dtype;
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<char> scratch(channels_last ? 0 : size_t(block * columns * elem));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row_begin = task * block, row_end = std::min(rows, row_begin + block);
-      for (int64_t group = 0; group < p.groups; ++group) {
+      if (depthwise) {
+        DepthwiseArgs args = dw;
+        if (channels_last) {
+          args.c = dst;
+          kernels.depthwise(args, row_begin, row_end);
+        } else {
+          args.c = scratch.data();
+          args.row_offsets = rows_offsets.data() + row_begin;
+          kernels.depthwise(args, 0, row_end - row_begin);
+        }
+      }
+      for (int64_t group = 0; group < (depthwise ? 0 : p.groups); ++group) {
         if (channels_last) {
           OffsetGemmArgs args = gemm_args(p, rows_offsets.data(), depth_offsets.data(), group, dst, columns);
           kernels.offset_gemm(args, row_begin, row_end);

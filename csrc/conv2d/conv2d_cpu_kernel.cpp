@@ -24,6 +24,7 @@ namespace fastlayers::FL_CPU_NS {
 namespace {
 
 using conv2d::OffsetGemmArgs;
+using conv2d::DepthwiseArgs;
 using conv2d::PlaceArgs;
 using conv2d::PoolArgs;
 using conv2d::StoreNchwArgs;
@@ -320,9 +321,45 @@ void store_nchw(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end) {
   }
 }
 
+template <class T>
+void depthwise_typed(const DepthwiseArgs& args, int64_t row_begin, int64_t row_end) {
+  // Channels a pass keeps in registers: 64 floats = 4 zmm accumulators.
+  constexpr int64_t kChunk = 64;
+  const T* image = static_cast<const T*>(args.image);
+  const T* weight = static_cast<const T*>(args.weight);
+  const T* bias = static_cast<const T*>(args.bias);
+  T* c = static_cast<T*>(args.c);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* base = image + args.row_offsets[r];
+    T* out = c + r * args.ldc;
+    for (int64_t c0 = 0; c0 < args.channels; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, args.channels - c0);
+      T acc[kChunk];
+      for (int64_t j = 0; j < n; ++j) acc[j] = bias ? bias[c0 + j] : T(0);
+      for (int64_t k = 0; k < args.taps; ++k) {
+        const T* x = base + args.tap_offsets[k] + c0;
+        const T* w = weight + k * args.channels + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) acc[j] += x[j] * w[j];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        out[c0 + j] = args.relu ? bias_act::activation_forward<bias_act::Activation::kRelu, T>(acc[j]) : acc[j];
+      }
+    }
+  }
+}
+
+void depthwise(const DepthwiseArgs& args, int64_t row_begin, int64_t row_end) {
+  if (args.dtype == DType::kFloat64) {
+    depthwise_typed<double>(args, row_begin, row_end);
+  } else {
+    depthwise_typed<float>(args, row_begin, row_end);
+  }
+}
+
 }  // namespace
 
 extern const conv2d::CpuKernels conv2d_cpu_kernels;
-const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw};
+const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw, &depthwise};
 
 }  // namespace fastlayers::FL_CPU_NS

@@ -81,6 +81,24 @@ struct StoreNchwArgs {
   DType dtype = DType::kFloat32;
 };
 
+// Depthwise convolution (one input and one output channel a group): per output pixel,
+// channels are independent, so the kernel vectorizes along the (contiguous NHWC)
+// channels instead of running the GEMM with one useful lane a vector.
+// C[r][ch] = bias[ch] + sum_k image[row_offsets[r] + tap_offsets[k] + ch] * weight[k][ch]
+struct DepthwiseArgs {
+  const void* image = nullptr;
+  const int64_t* row_offsets = nullptr;
+  const int64_t* tap_offsets = nullptr;  // [taps]: (kh, kw) inside the receptive field
+  int64_t taps = 0;
+  const void* weight = nullptr;  // [taps][channels]
+  const void* bias = nullptr;    // [channels] or null
+  bool relu = false;
+  void* c = nullptr;  // row r at c + r * ldc
+  int64_t ldc = 0;
+  int64_t channels = 0;
+  DType dtype = DType::kFloat32;
+};
+
 struct CpuKernels {
   // Rows [row_begin, row_end) of C, every column; the caller parallelizes over rows.
   void (*offset_gemm)(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end);
@@ -89,6 +107,7 @@ struct CpuKernels {
   // Destination rows [row_begin, row_end) of the N * rows image rows.
   void (*place_image)(const PlaceArgs& args, int64_t row_begin, int64_t row_end);
   void (*store_nchw)(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end);
+  void (*depthwise)(const DepthwiseArgs& args, int64_t row_begin, int64_t row_end);
 };
 
 #if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
