@@ -9,7 +9,9 @@
 //   the useful work on zeros (correct, not fast).
 // * grad-weight: rows = (kh, kw, ci), depth = output pixels, B = grad_output as
 //   [pixel][co]; the pixels are split into chunks whose partial sums are added in
-//   chunk order (deterministic for a given shape).
+//   chunk order (deterministic for a given shape and thread count).
+// * depthwise (one channel in and out a group) forward and grad-input: a kernel
+//   vectorized along the channels instead of the GEMM.
 // * conv2d_relu_max_pool2d: the forward with rows ordered window by window, four
 //   pixels a 2x2 window, computed into a per-task scratch block and pooled at once;
 //   the pre-pool activation never exists as a tensor, and conv pixels outside every
