@@ -191,6 +191,24 @@ def test_conv_larger_than_one_task_and_one_depth_block_matches_torch():
         assert_close_to_oracle(a, b, torch.float64)
 
 
+@pytest.mark.parametrize("name", ["conv2d", "conv2d_relu_max_pool2d"])
+def test_results_do_not_depend_on_the_thread_count(name):
+    # Task and grad-weight chunk partitions follow the thread count; the sums must not.
+    x, weight, bias, kwargs = _tensors((3, 16, 24, 12, 12, 3, 1, 1, 1, 1), torch.float64, requires_grad=True)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, previous, 3):
+            torch.set_num_threads(threads)
+            y = OPS[name][0](x, weight, bias, **kwargs)
+            results.append((y, *torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_close_to_oracle(b, a, torch.float64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_and_bfloat16_are_no_worse_than_torch(dtype):
     x, weight, bias, kwargs = _tensors(CASES[0], dtype, requires_grad=True)
