@@ -47,6 +47,8 @@ CASES = [
     (3, 2, 33, 16, 16, 2, 2, 0, 1, 1),
     (1, 16, 200, 5, 5, 3, 1, 1, 1, 2),
     (2, 80, 80, 9, 7, 3, 2, 1, 1, 80),
+    (2, 4, 6, 11, 10, 3, 2, 1, 2, 1),  # stride 2, dilation 2: even input rows get no tap
+    (1, 3, 4, 12, 13, (4, 3), (3, 2), (2, 0), (2, 3), 1),
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
@@ -288,6 +290,7 @@ GRADCHECK_CASES = {
     "nonsquare_stride": (1, 2, 4, 7, 6, (3, 2), (2, 1), (1, 0), 1, 1),
     "same_dilation_groups": (1, 4, 4, 7, 7, 3, 1, "same", 2, 2),
     "depthwise_stride2": (1, 3, 6, 7, 7, 3, 2, 1, 1, 3),
+    "stride3_dilation2": (1, 2, 3, 9, 8, 3, (3, 2), (1, 2), 2, 1),
 }
 
 

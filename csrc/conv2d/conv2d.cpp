@@ -3,10 +3,9 @@
 //
 // * forward: A = the input, zero-padded, NHWC; B = the weight as [kh][kw][ci][co];
 //   C = the output as [pixel][co], bias and ReLU applied as each tile is stored.
-// * grad-input: the forward of grad_output placed (stride s: every s-th position,
-//   zeros between) into a zero image padded by dilation*(k-1) - padding, with the
-//   weight flipped and transposed; stride 1 wastes nothing, stride s does s*s times
-//   the useful work on zeros (correct, not fast).
+// * grad-input: a forward over the zero-padded grad_output with the weight flipped and
+//   transposed; with stride s, one such pass per phase (a, b) of the input pixels
+//   (a + s i, b + s j), with the taps that reach them (no work on zeros).
 // * grad-weight: rows = (kh, kw, ci), depth = output pixels, B = grad_output as
 //   [pixel][co]; the pixels are split into chunks whose partial sums are added in
 //   chunk order (deterministic for a given shape and thread count).
@@ -162,6 +161,7 @@ at::Tensor pad_columns(const at::Tensor& b) {
 // The offset-GEMM description of one convolution over an NHWC image.
 struct ConvPass {
   at::Tensor image;  // [N, rows, cols, channels], contiguous
+  int64_t origin = 0;  // element offset of output pixel (0, 0)'s field corner in image 0
   int64_t out_h = 0, out_w = 0, stride_h = 1, stride_w = 1, dilation_h = 1, dilation_w = 1;
   int64_t kernel_h = 1, kernel_w = 1, groups = 1;
   int64_t depth_channels = 0;  // per group
@@ -179,7 +179,7 @@ std::vector<int64_t> pixel_offsets(const ConvPass& p) {
   for (int64_t b = 0; b < n; ++b)
     for (int64_t oh = 0; oh < p.out_h; ++oh)
       for (int64_t ow = 0; ow < p.out_w; ++ow)
-        *o++ = ((b * rows + oh * p.stride_h) * cols + ow * p.stride_w) * ch;
+        *o++ = ((b * rows + oh * p.stride_h) * cols + ow * p.stride_w) * ch + p.origin;
   return offsets;
 }
 
@@ -358,6 +358,31 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
       .to(input.scalar_type());
 }
 
+// The kernel taps of one dimension that reach input positions i = phase + stride * i'
+// (i' >= 0): tap k reaches them from grad_output row i' + (phase + pad - k * dilation) /
+// stride when that division is exact. Listed by increasing row offset (decreasing k);
+// the offsets step evenly, by dilation / gcd(dilation, stride).
+struct PhaseTaps {
+  std::vector<int64_t> taps;
+  int64_t first_offset = 0;
+  int64_t offset_step = 1;
+};
+
+PhaseTaps phase_taps(int64_t phase, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  PhaseTaps t;
+  for (int64_t k = kernel - 1; k >= 0; --k) {
+    const int64_t reach = phase + pad - k * dilation;
+    if (((reach % stride) + stride) % stride == 0) t.taps.push_back(k);
+  }
+  if (!t.taps.empty()) t.first_offset = (phase + pad - t.taps[0] * dilation) / stride;  // exact
+  if (t.taps.size() > 1) t.offset_step = (t.taps[0] - t.taps[1]) * dilation / stride;
+  return t;
+}
+
+// grad-input, one stride phase at a time: the input pixels (a + s_h i, b + s_w j) only
+// receive the taps of phase (a, b), so each phase is a stride-1 convolution of the
+// zero-padded grad_output with those taps (flipped, transposed) and no work is spent
+// on zeros. Stride 1 is the single phase with every tap.
 at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
                                      at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, int64_t groups) {
@@ -370,23 +395,60 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
               op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
               "], got ", grad_output.sizes());
   const bool channels_last = grad_output.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  ConvPass p;
-  p.image = place_nhwc(to_compute(grad_output), g.height + g.dilation_h * (g.kernel_h - 1),
-                       g.width + g.dilation_w * (g.kernel_w - 1), g.dilation_h * (g.kernel_h - 1) - g.pad_h,
-                       g.dilation_w * (g.kernel_w - 1) - g.pad_w, g.stride_h, g.stride_w);
-  p.out_h = g.height;
-  p.out_w = g.width;
-  p.dilation_h = g.dilation_h;
-  p.dilation_w = g.dilation_w;
-  p.kernel_h = g.kernel_h;
-  p.kernel_w = g.kernel_w;
-  p.groups = g.groups;
-  p.depth_channels = g.out_per_group();
-  p.out_columns = g.in_per_group();
-  // B[g][(kh', kw', co)][ci] = weight[g, co, ci, k_h - 1 - kh', k_w - 1 - kw']
-  at::Tensor w = to_compute(weight).reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
-  p.packed = pad_columns(w.flip({3, 4}).permute({0, 3, 4, 1, 2}).reshape({g.groups, -1, g.in_per_group()}));
-  return run_pass(p, channels_last).to(grad_output.scalar_type());
+  const at::Tensor go = to_compute(grad_output);
+  const at::Tensor w =
+      to_compute(weight).reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  const bool single_phase = g.stride_h == 1 && g.stride_w == 1;
+  at::Tensor grad_input;
+  if (!single_phase) {
+    grad_input = at::empty({g.batch, g.in_channels, g.height, g.width},
+                           go.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                    : at::MemoryFormat::Contiguous));
+  }
+  for (int64_t a = 0; a < std::min(g.stride_h, g.height); ++a) {
+    for (int64_t b = 0; b < std::min(g.stride_w, g.width); ++b) {
+      const PhaseTaps th = phase_taps(a, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
+      const PhaseTaps tw = phase_taps(b, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+      const int64_t phase_h = (g.height - a + g.stride_h - 1) / g.stride_h;
+      const int64_t phase_w = (g.width - b + g.stride_w - 1) / g.stride_w;
+      at::Tensor target;
+      if (!single_phase) {
+        target = grad_input.slice(2, a, g.height, g.stride_h).slice(3, b, g.width, g.stride_w);
+      }
+      if (th.taps.empty() || tw.taps.empty()) {  // no tap reaches these input pixels
+        if (single_phase) return at::zeros(input_size, grad_output.options());
+        target.zero_();
+        continue;
+      }
+      const int64_t nh = int64_t(th.taps.size()), nw = int64_t(tw.taps.size());
+      // Zero rows above (and left of) grad_output so that every offset is >= 0.
+      const int64_t top = std::max<int64_t>(0, -th.first_offset), left = std::max<int64_t>(0, -tw.first_offset);
+      const int64_t rows = std::max(top + g.out_h, top + th.first_offset + (nh - 1) * th.offset_step + phase_h);
+      const int64_t cols = std::max(left + g.out_w, left + tw.first_offset + (nw - 1) * tw.offset_step + phase_w);
+      ConvPass p;
+      p.image = place_nhwc(go, rows, cols, top, left, 1, 1);
+      p.origin = ((top + th.first_offset) * cols + left + tw.first_offset) * g.out_channels;
+      p.out_h = phase_h;
+      p.out_w = phase_w;
+      p.dilation_h = th.offset_step;
+      p.dilation_w = tw.offset_step;
+      p.kernel_h = nh;
+      p.kernel_w = nw;
+      p.groups = g.groups;
+      p.depth_channels = g.out_per_group();
+      p.out_columns = g.in_per_group();
+      // B[g][(t_h, t_w, co)][ci] = weight[g, co, ci, taps_h[t_h], taps_w[t_w]]
+      const at::Tensor taps_h = at::tensor(th.taps, at::kLong), taps_w = at::tensor(tw.taps, at::kLong);
+      p.packed = pad_columns(w.index_select(3, taps_h)
+                                 .index_select(4, taps_w)
+                                 .permute({0, 3, 4, 1, 2})
+                                 .reshape({g.groups, -1, g.in_per_group()}));
+      at::Tensor phase_grad = run_pass(p, channels_last);
+      if (single_phase) return phase_grad.to(grad_output.scalar_type());
+      target.copy_(phase_grad);
+    }
+  }
+  return grad_input.to(grad_output.scalar_type());
 }
 
 at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
