@@ -9,8 +9,8 @@
 // * grad-weight: rows = (kh, kw, ci), depth = output pixels, B = grad_output as
 //   [pixel][co]; the pixels are split into chunks whose partial sums are added in
 //   chunk order (deterministic for a given shape and thread count).
-// * depthwise (one channel in and out a group) forward and grad-input: a kernel
-//   vectorized along the channels instead of the GEMM.
+// * depthwise (one channel in and out a group): kernels vectorized along the
+//   channels instead of the GEMM, for the forward, grad-input and grad-weight.
 // * conv2d_relu_max_pool2d: the forward with rows ordered window by window, four
 //   pixels a 2x2 window, computed into a per-task scratch block and pooled at once;
 //   the pre-pool activation never exists as a tensor, and conv pixels outside every
@@ -451,6 +451,40 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   return grad_input.to(grad_output.scalar_type());
 }
 
+// Depthwise grad-weight: chunks of output pixels, each reduced by the channel-vectorized
+// kernel into [taps][C] partial sums, added in chunk order.
+at::Tensor depthwise_weight_grad_cpu(const ConvPass& p, const at::Tensor& grad_output, const Geometry& g,
+                                     at::IntArrayRef weight_size) {
+  const int64_t pixels = g.batch * g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
+  const at::Tensor go = place_nhwc(grad_output, g.out_h, g.out_w, 0, 0, 1, 1);  // [pixels][C]
+  const std::vector<int64_t> pixel_offs = pixel_offsets(p);
+  const std::vector<int64_t> tap_offs = field_offsets(p);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8 * at::get_num_threads(), pixels / 256));
+  const int64_t chunk_pixels = (pixels + chunks - 1) / chunks;
+  at::Tensor partials = at::zeros({chunks, taps, g.out_channels}, go.options());
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  const int64_t elem = go.element_size();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * chunk_pixels;
+      if (first >= pixels) continue;
+      DepthwiseWeightGradArgs args;
+      args.image = p.image.const_data_ptr();
+      args.pixel_offsets = pixel_offs.data() + first;
+      args.pixels = std::min(chunk_pixels, pixels - first);
+      args.tap_offsets = tap_offs.data();
+      args.taps = taps;
+      args.grad = static_cast<const char*>(go.const_data_ptr()) + first * g.out_channels * elem;
+      args.out = static_cast<char*>(partials.mutable_data_ptr()) + chunk * taps * g.out_channels * elem;
+      args.channels = g.out_channels;
+      args.dtype = go.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+      kernels.depthwise_weight_grad(args);
+    }
+  });
+  // [kh, kw, C] -> [C, 1, kh, kw]
+  return partials.sum(0).t().reshape(weight_size).contiguous();
+}
+
 at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                       at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
@@ -466,6 +500,9 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   const int64_t pixels = g.batch * g.out_h * g.out_w;
   at::Tensor x = to_compute(input);
   const ConvPass p = input_pass(x, g);
+  if (g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1 && pixels > 0) {
+    return depthwise_weight_grad_cpu(p, to_compute(grad_output), g, weight_size).to(input.scalar_type());
+  }
   // grad_output as B: [G, pixels, pad(C_out/G)]
   at::Tensor packed_go;
   if (g.groups == 1) {

@@ -16,6 +16,7 @@
 #include <array>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "bias_act/bias_act_math.h"
 #include "conv2d/conv2d_kernel.h"
@@ -25,6 +26,7 @@ namespace {
 
 using conv2d::OffsetGemmArgs;
 using conv2d::DepthwiseArgs;
+using conv2d::DepthwiseWeightGradArgs;
 using conv2d::PlaceArgs;
 using conv2d::PoolArgs;
 using conv2d::StoreNchwArgs;
@@ -357,9 +359,45 @@ void depthwise(const DepthwiseArgs& args, int64_t row_begin, int64_t row_end) {
   }
 }
 
+template <class T>
+void depthwise_weight_grad_typed(const DepthwiseWeightGradArgs& args) {
+  // 64 channels at a time: the [taps][64] sums stay in L1 while the pixels stream by.
+  constexpr int64_t kChunk = 64;
+  const T* image = static_cast<const T*>(args.image);
+  const T* grad = static_cast<const T*>(args.grad);
+  T* out = static_cast<T*>(args.out);
+  std::vector<T> sums(size_t(args.taps * kChunk));
+  for (int64_t c0 = 0; c0 < args.channels; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, args.channels - c0);
+    std::fill(sums.begin(), sums.end(), T(0));
+    for (int64_t p = 0; p < args.pixels; ++p) {
+      const T* g = grad + p * args.channels + c0;
+      const T* base = image + args.pixel_offsets[p] + c0;
+      for (int64_t k = 0; k < args.taps; ++k) {
+        const T* x = base + args.tap_offsets[k];
+        T* acc = sums.data() + k * kChunk;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) acc[j] += x[j] * g[j];
+      }
+    }
+    for (int64_t k = 0; k < args.taps; ++k) {
+      for (int64_t j = 0; j < n; ++j) out[k * args.channels + c0 + j] = sums[size_t(k * kChunk + j)];
+    }
+  }
+}
+
+void depthwise_weight_grad(const DepthwiseWeightGradArgs& args) {
+  if (args.dtype == DType::kFloat64) {
+    depthwise_weight_grad_typed<double>(args);
+  } else {
+    depthwise_weight_grad_typed<float>(args);
+  }
+}
+
 }  // namespace
 
 extern const conv2d::CpuKernels conv2d_cpu_kernels;
-const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw, &depthwise};
+const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw, &depthwise,
+                                                   &depthwise_weight_grad};
 
 }  // namespace fastlayers::FL_CPU_NS

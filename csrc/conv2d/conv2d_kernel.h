@@ -99,6 +99,20 @@ struct DepthwiseArgs {
   DType dtype = DType::kFloat32;
 };
 
+// Depthwise grad-weight over a chunk of output pixels, vectorized along the channels:
+// out[k][ch] = sum_p image[pixel_offsets[p] + tap_offsets[k] + ch] * grad[p * channels + ch]
+struct DepthwiseWeightGradArgs {
+  const void* image = nullptr;
+  const int64_t* pixel_offsets = nullptr;  // the chunk's first pixel
+  int64_t pixels = 0;
+  const int64_t* tap_offsets = nullptr;
+  int64_t taps = 0;
+  const void* grad = nullptr;  // [pixels][channels], the chunk's first pixel
+  void* out = nullptr;         // [taps][channels]
+  int64_t channels = 0;
+  DType dtype = DType::kFloat32;
+};
+
 struct CpuKernels {
   // Rows [row_begin, row_end) of C, every column; the caller parallelizes over rows.
   void (*offset_gemm)(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end);
@@ -108,6 +122,7 @@ struct CpuKernels {
   void (*place_image)(const PlaceArgs& args, int64_t row_begin, int64_t row_end);
   void (*store_nchw)(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end);
   void (*depthwise)(const DepthwiseArgs& args, int64_t row_begin, int64_t row_end);
+  void (*depthwise_weight_grad)(const DepthwiseWeightGradArgs& args);
 };
 
 #if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
