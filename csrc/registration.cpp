@@ -23,4 +23,30 @@ TORCH_LIBRARY(fastlayers, m) {
   m.def("flash_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor output,"
         " Tensor logsumexp, Tensor? attn_mask, bool is_causal, float scale) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+
+  // 2-D convolution (NCHW sizes; channels_last accepted), y = conv(input, weight) + bias,
+  // then max(y, 0) when relu. Output channels_last when input or weight is.
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups, bool relu) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // d loss / d input of conv2d (without its epilogue); channels_last when grad_output is.
+  m.def("conv2d_backward_input(Tensor grad_output, Tensor weight, int[4] input_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // d loss / d weight of conv2d, contiguous [C_out, C_in / groups, kH, kW].
+  m.def("conv2d_backward_weight(Tensor grad_output, Tensor input, int[4] weight_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // d loss / d bias of conv2d: grad_output summed over N, H, W.
+  m.def("conv2d_backward_bias(Tensor grad_output) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // (max_pool2d(relu(conv2d(...)), 2, 2), argmax): argmax (uint8, 0..3) is the position of
+  // each maximum in its 2x2 window, in scan order; the pre-pool activation is not stored.
+  m.def("conv2d_relu_max_pool2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  // d loss / d (conv output before the ReLU) from the pooled output's gradient, the pooled
+  // output and argmax; channels_last, of shape conv_size.
+  m.def("conv2d_relu_max_pool2d_backward(Tensor grad_output, Tensor output, Tensor argmax, int[4] conv_size) "
+        "-> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }

@@ -4,5 +4,13 @@ device when available, and its pure-PyTorch reference otherwise."""
 
 from fastlayers.ops.attention import scaled_dot_product_attention
 from fastlayers.ops.bias_act import bias_act
+from fastlayers.ops.conv2d import conv1d, conv2d, conv2d_relu, conv2d_relu_max_pool2d
 
-__all__ = ["bias_act", "scaled_dot_product_attention"]
+__all__ = [
+    "bias_act",
+    "conv1d",
+    "conv2d",
+    "conv2d_relu",
+    "conv2d_relu_max_pool2d",
+    "scaled_dot_product_attention",
+]

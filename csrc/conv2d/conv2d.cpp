@@ -1,0 +1,690 @@
+// fastlayers::conv2d and its backward ops: checks, layout preparation and the CPU
+// implementation. Every pass is an offset GEMM (conv2d_kernel.h) on an NHWC image:
+//
+// * forward: A = the input, zero-padded, NHWC; B = the weight as [kh][kw][ci][co];
+//   C = the output as [pixel][co], bias and ReLU applied as each tile is stored.
+// * grad-input: a forward over the zero-padded grad_output with the weight flipped and
+//   transposed; with stride s, one such pass per phase (a, b) of the input pixels
+//   (a + s i, b + s j), with the taps that reach them (no work on zeros).
+// * grad-weight: rows = (kh, kw, ci), depth = output pixels, B = grad_output as
+//   [pixel][co]; the pixels are split into chunks whose partial sums are added in
+//   chunk order (deterministic for a given shape and thread count).
+// * depthwise (one channel in and out a group): kernels vectorized along the
+//   channels instead of the GEMM, for the forward, grad-input and grad-weight.
+// * conv2d_relu_max_pool2d: the forward with rows ordered window by window, four
+//   pixels a 2x2 window, computed into a per-task scratch block and pooled at once;
+//   the pre-pool activation never exists as a tensor, and conv pixels outside every
+//   window (odd last row/column) are not computed.
+//
+// float16/bfloat16 inputs compute in float32 (as torch's CPU convolution accumulates)
+// and round the result.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/torch_utils.h"
+#include "conv2d/conv2d.h"
+
+namespace fastlayers::conv2d {
+
+static void check_params(const char* op, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                         int64_t groups) {
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 elements each, got ", stride, ", ", padding, ", ",
+              dilation);
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": non-positive stride is not supported, got stride=", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": negative padding is not supported, got padding=",
+              padding);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": non-positive dilation is not supported, got dilation=",
+              dilation);
+  TORCH_CHECK(groups > 0, op, ": non-positive groups is not supported, got groups=", groups);
+}
+
+Geometry make_geometry(const char* op, at::IntArrayRef input_size, at::IntArrayRef weight_size,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_params(op, stride, padding, dilation, groups);
+  TORCH_CHECK(input_size.size() == 4, op, ": expected a 4-D input (N, C, H, W), got shape ", input_size);
+  TORCH_CHECK(weight_size.size() == 4, op, ": expected a 4-D weight (C_out, C_in / groups, kH, kW), got shape ",
+              weight_size);
+  Geometry g;
+  g.batch = input_size[0];
+  g.in_channels = input_size[1];
+  g.height = input_size[2];
+  g.width = input_size[3];
+  g.out_channels = weight_size[0];
+  g.kernel_h = weight_size[2];
+  g.kernel_w = weight_size[3];
+  g.stride_h = stride[0];
+  g.stride_w = stride[1];
+  g.pad_h = padding[0];
+  g.pad_w = padding[1];
+  g.dilation_h = dilation[0];
+  g.dilation_w = dilation[1];
+  g.groups = groups;
+  TORCH_CHECK(g.out_channels % groups == 0, op, ": given groups=", groups, ", expected weight to be divisible by ",
+              groups, " at dimension 0, but got weight of shape ", weight_size);
+  TORCH_CHECK(g.in_channels == weight_size[1] * groups, op, ": given groups=", groups, ", weight of size ",
+              weight_size, ", expected input", input_size, " to have ", weight_size[1] * groups,
+              " channels, but got ", g.in_channels, " channels instead");
+  TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0, op, ": weight must have a non-empty kernel, got shape ",
+              weight_size);
+  const int64_t span_h = g.dilation_h * (g.kernel_h - 1) + 1;
+  const int64_t span_w = g.dilation_w * (g.kernel_w - 1) + 1;
+  TORCH_CHECK(g.height + 2 * g.pad_h >= span_h && g.width + 2 * g.pad_w >= span_w, op,
+              ": calculated padded input size per channel: (", g.height + 2 * g.pad_h, " x ",
+              g.width + 2 * g.pad_w, "). Kernel size: (", span_h, " x ", span_w,
+              "). Kernel size can't be greater than actual input size");
+  g.out_h = (g.height + 2 * g.pad_h - span_h) / g.stride_h + 1;
+  g.out_w = (g.width + 2 * g.pad_w - span_w) / g.stride_w + 1;
+  return g;
+}
+
+void check_same(const char* op, const at::Tensor& input, const char* arg, const at::Tensor& other) {
+  TORCH_CHECK(other.device() == input.device(), op, ": ", arg, " is on ", other.device(), " but input is on ",
+              input.device());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": input type (", input.scalar_type(), ") and ", arg,
+              " type (", other.scalar_type(), ") should be the same");
+}
+
+Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups) {
+  kernel_dtype(input, op, "input");
+  check_same(op, input, "weight", weight);
+  Geometry g = make_geometry(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
+  if (bias.has_value()) {
+    check_same(op, input, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, op, ": expected bias of shape [",
+                g.out_channels, "] (the weight's dimension 0), got ", bias->sizes());
+  }
+  return g;
+}
+
+bool wants_channels_last(const at::Tensor& input, const at::Tensor& weight) {
+  return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+         weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+namespace {
+
+int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// [N, C, H, W] values (float or double, any strides) placed into a zero [N, rows,
+// cols, C] (NHWC) image: element (i, j) lands at (top + i * step_h, left + j * step_w);
+// what falls outside is dropped; `channels` >= C pads each pixel with zeros. One pass
+// (PlaceArgs); an input that already is the image (channels_last, no padding) is used
+// in place.
+at::Tensor place_nhwc(const at::Tensor& x, int64_t rows, int64_t cols, int64_t top, int64_t left, int64_t step_h,
+                      int64_t step_w, int64_t channels = -1) {
+  if (channels < 0) channels = x.size(1);
+  at::Tensor nhwc = x.permute({0, 2, 3, 1});
+  if (channels == x.size(1) && top == 0 && left == 0 && step_h == 1 && step_w == 1 && rows == x.size(2) && cols == x.size(3) &&
+      nhwc.is_contiguous()) {
+    return nhwc;
+  }
+  at::Tensor image = at::empty({x.size(0), rows, cols, channels}, x.options());
+  if (image.numel() == 0) return image;
+  PlaceArgs args;
+  args.src = x.const_data_ptr();
+  for (int d = 0; d < 4; ++d) args.src_stride[d] = x.stride(d);
+  args.channels = x.size(1);
+  args.height = x.size(2);
+  args.width = x.size(3);
+  args.dst = image.mutable_data_ptr();
+  args.rows = rows;
+  args.cols = cols;
+  args.dst_channels = channels;
+  args.top = top;
+  args.left = left;
+  args.step_h = step_h;
+  args.step_w = step_w;
+  args.dtype = x.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, cols * channels));
+  at::parallel_for(0, x.size(0) * rows, grain,
+                   [&](int64_t begin, int64_t end) { kernels.place_image(args, begin, end); });
+  return image;
+}
+
+// [G, rows, cols] -> [G, rows, round_up(cols, kColumnPad)], zero-filled.
+at::Tensor pad_columns(const at::Tensor& b) {
+  const int64_t cols = b.size(2);
+  at::Tensor padded = at::zeros({b.size(0), b.size(1), round_up(std::max<int64_t>(cols, 1), kColumnPad)},
+                                b.options());
+  padded.narrow(2, 0, cols).copy_(b);
+  return padded;
+}
+
+// The offset-GEMM description of one convolution over an NHWC image.
+struct ConvPass {
+  at::Tensor image;  // [N, rows, cols, channels], contiguous
+  int64_t origin = 0;  // element offset of output pixel (0, 0)'s field corner in image 0
+  int64_t out_h = 0, out_w = 0, stride_h = 1, stride_w = 1, dilation_h = 1, dilation_w = 1;
+  int64_t kernel_h = 1, kernel_w = 1, groups = 1;
+  int64_t depth_channels = 0;  // per group
+  int64_t out_columns = 0;     // per group
+  at::Tensor packed;           // [G, kernel_h * kernel_w * depth_channels, ldb]
+  at::Tensor bias;             // [G, ldb] or undefined
+  bool relu = false;
+};
+
+// Offsets of the receptive-field corners of output pixels (n, oh, ow) in `image`.
+std::vector<int64_t> pixel_offsets(const ConvPass& p) {
+  const int64_t n = p.image.size(0), rows = p.image.size(1), cols = p.image.size(2), ch = p.image.size(3);
+  std::vector<int64_t> offsets(size_t(n * p.out_h * p.out_w));
+  int64_t* o = offsets.data();
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t oh = 0; oh < p.out_h; ++oh)
+      for (int64_t ow = 0; ow < p.out_w; ++ow)
+        *o++ = ((b * rows + oh * p.stride_h) * cols + ow * p.stride_w) * ch + p.origin;
+  return offsets;
+}
+
+// Offsets of (kh, kw, ci) inside a receptive field, ci within one group.
+std::vector<int64_t> field_offsets(const ConvPass& p) {
+  const int64_t cols = p.image.size(2), ch = p.image.size(3);
+  std::vector<int64_t> offsets;
+  offsets.reserve(size_t(p.kernel_h * p.kernel_w * p.depth_channels));
+  for (int64_t kh = 0; kh < p.kernel_h; ++kh)
+    for (int64_t kw = 0; kw < p.kernel_w; ++kw)
+      for (int64_t ci = 0; ci < p.depth_channels; ++ci)
+        offsets.push_back((kh * p.dilation_h * cols + kw * p.dilation_w) * ch + ci);
+  return offsets;
+}
+
+// Rows a parallel task computes: a multiple of every tile height (6, 8, 12) and of the
+// 4 rows of a pooling window; smaller when there would be too few tasks for the threads.
+int64_t rows_per_task(int64_t rows, int64_t groups) {
+  const int64_t target_tasks = 8 * at::get_num_threads();
+  int64_t block = 192;
+  while (block > 24 && groups * ((rows + block - 1) / block) < target_tasks) block /= 2;
+  return block;
+}
+
+OffsetGemmArgs gemm_args(const ConvPass& p, const int64_t* row_offsets, const int64_t* depth_offsets,
+                         int64_t group, void* c, int64_t ldc) {
+  const int64_t elem = p.image.element_size();
+  OffsetGemmArgs args;
+  args.a = static_cast<const char*>(p.image.const_data_ptr()) + group * p.depth_channels * elem;
+  args.row_offsets = row_offsets;
+  args.depth_offsets = depth_offsets;
+  args.depth = p.packed.size(1);
+  args.ldb = p.packed.size(2);
+  args.b = static_cast<const char*>(p.packed.const_data_ptr()) + group * args.depth * args.ldb * elem;
+  args.c = static_cast<char*>(c) + group * p.out_columns * elem;
+  args.ldc = ldc;
+  args.columns = p.out_columns;
+  args.bias = p.bias.defined() ? static_cast<const char*>(p.bias.const_data_ptr()) + group * args.ldb * elem
+                               : nullptr;
+  args.relu = p.relu;
+  args.dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  return args;
+}
+
+// Runs a pass into a new [N, G * out_columns, out_h, out_w] tensor, channels_last or
+// contiguous. Channels_last: the tiles are stored straight into the NHWC output.
+// Contiguous (NCHW): each task computes its rows into an NHWC scratch block (L2-sized)
+// and writes it out channel by channel, instead of a separate transpose through memory.
+at::Tensor run_pass(const ConvPass& p, bool channels_last) {
+  const int64_t n = p.image.size(0), columns = p.groups * p.out_columns;
+  const int64_t rows = n * p.out_h * p.out_w;
+  at::Tensor out = channels_last
+                       ? at::empty({n, p.out_h, p.out_w, columns}, p.image.options()).permute({0, 3, 1, 2})
+                       : at::empty({n, columns, p.out_h, p.out_w}, p.image.options());
+  if (rows == 0 || out.numel() == 0) return out;
+  const std::vector<int64_t> rows_offsets = pixel_offsets(p);
+  const std::vector<int64_t> depth_offsets = field_offsets(p);
+  const int64_t block = rows_per_task(rows, 1);
+  const int64_t blocks = (rows + block - 1) / block;
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  const int64_t elem = p.image.element_size();
+  const DType dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  void* dst = out.mutable_data_ptr();
+  // Depthwise (one channel in and out a group): the channel-vectorized kernel; its
+  // weight [taps][channels] and bias [channels] are column 0 of the packed ones.
+  const bool depthwise = p.depth_channels == 1 && p.out_columns == 1 && p.groups > 1;
+  at::Tensor dw_weight, dw_bias;
+  DepthwiseArgs dw;
+  if (depthwise) {
+    dw_weight = p.packed.select(2, 0).t().contiguous();
+    if (p.bias.defined()) dw_bias = p.bias.select(1, 0).contiguous();
+    dw.image = p.image.const_data_ptr();
+    dw.row_offsets = rows_offsets.data();
+    dw.tap_offsets = depth_offsets.data();
+    dw.taps = dw_weight.size(0);
+    dw.weight = dw_weight.const_data_ptr();
+    dw.bias = dw_bias.defined() ? dw_bias.const_data_ptr() : nullptr;
+    dw.relu = p.relu;
+    dw.ldc = columns;
+    dw.channels = columns;
+    dw.dtype = dtype;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> scratch(channels_last ? 0 : size_t(block * columns * elem));
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t row_begin = task * block, row_end = std::min(rows, row_begin + block);
+      if (depthwise) {
+        DepthwiseArgs args = dw;
+        if (channels_last) {
+          args.c = dst;
+          kernels.depthwise(args, row_begin, row_end);
+        } else {
+          args.c = scratch.data();
+          args.row_offsets = rows_offsets.data() + row_begin;
+          kernels.depthwise(args, 0, row_end - row_begin);
+        }
+      }
+      for (int64_t group = 0; group < (depthwise ? 0 : p.groups); ++group) {
+        if (channels_last) {
+          OffsetGemmArgs args = gemm_args(p, rows_offsets.data(), depth_offsets.data(), group, dst, columns);
+          kernels.offset_gemm(args, row_begin, row_end);
+        } else {
+          OffsetGemmArgs args = gemm_args(p, rows_offsets.data() + row_begin, depth_offsets.data(), group,
+                                          scratch.data(), columns);
+          kernels.offset_gemm(args, 0, row_end - row_begin);
+        }
+      }
+      if (!channels_last) {
+        StoreNchwArgs store;
+        store.block = scratch.data();
+        store.ldc = columns;
+        store.columns = columns;
+        store.first_pixel = row_begin;
+        store.plane = p.out_h * p.out_w;
+        store.dst = dst;
+        store.dtype = dtype;
+        kernels.store_nchw(store, 0, row_end - row_begin);
+      }
+    }
+  });
+  return out;
+}
+
+bool is_reduced_precision(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor to_compute(const at::Tensor& t) { return is_reduced_precision(t) ? t.to(at::kFloat) : t; }
+
+// Weight [C_out, C_in/G, kh, kw] -> B [G, kh * kw * C_in/G, pad(C_out/G)].
+at::Tensor pack_forward_weight(const at::Tensor& weight, const Geometry& g) {
+  at::Tensor w = weight.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  return pad_columns(w.permute({0, 3, 4, 2, 1}).reshape({g.groups, -1, g.out_per_group()}));
+}
+
+// The pass over the zero-padded input image, without its B operand.
+ConvPass input_pass(const at::Tensor& input, const Geometry& g) {
+  ConvPass p;
+  p.image = place_nhwc(input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.pad_h, g.pad_w, 1, 1);
+  p.out_h = g.out_h;
+  p.out_w = g.out_w;
+  p.stride_h = g.stride_h;
+  p.stride_w = g.stride_w;
+  p.dilation_h = g.dilation_h;
+  p.dilation_w = g.dilation_w;
+  p.kernel_h = g.kernel_h;
+  p.kernel_w = g.kernel_w;
+  p.groups = g.groups;
+  p.depth_channels = g.in_per_group();
+  p.out_columns = g.out_per_group();
+  return p;
+}
+
+ConvPass forward_pass(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const Geometry& g, bool relu) {
+  ConvPass p = input_pass(input, g);
+  p.packed = pack_forward_weight(weight, g);
+  if (bias.has_value()) p.bias = pad_columns(bias->reshape({g.groups, 1, g.out_per_group()})).squeeze(1);
+  p.relu = relu;
+  return p;
+}
+
+// [N, H, W, C] -> an [N, C, H, W] tensor, channels_last or contiguous.
+at::Tensor from_nhwc(const at::Tensor& nhwc, bool channels_last) {
+  at::Tensor nchw = nhwc.permute({0, 3, 1, 2});
+  return channels_last ? nchw : nchw.contiguous();
+}
+
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      bool relu) {
+  const Geometry g = check_forward("conv2d", input, weight, bias, stride, padding, dilation, groups);
+  const bool channels_last = wants_channels_last(input, weight);
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(to_compute(*bias)) : std::nullopt;
+  return run_pass(forward_pass(to_compute(input), to_compute(weight), b, g, relu), channels_last)
+      .to(input.scalar_type());
+}
+
+// The kernel taps of one dimension that reach input positions i = phase + stride * i'
+// (i' >= 0): tap k reaches them from grad_output row i' + (phase + pad - k * dilation) /
+// stride when that division is exact. Listed by increasing row offset (decreasing k);
+// the offsets step evenly, by dilation / gcd(dilation, stride).
+struct PhaseTaps {
+  std::vector<int64_t> taps;
+  int64_t first_offset = 0;
+  int64_t offset_step = 1;
+};
+
+PhaseTaps phase_taps(int64_t phase, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  PhaseTaps t;
+  for (int64_t k = kernel - 1; k >= 0; --k) {
+    const int64_t reach = phase + pad - k * dilation;
+    if (((reach % stride) + stride) % stride == 0) t.taps.push_back(k);
+  }
+  if (!t.taps.empty()) t.first_offset = (phase + pad - t.taps[0] * dilation) / stride;  // exact
+  if (t.taps.size() > 1) t.offset_step = (t.taps[0] - t.taps[1]) * dilation / stride;
+  return t;
+}
+
+// grad-input, one stride phase at a time: the input pixels (a + s_h i, b + s_w j) only
+// receive the taps of phase (a, b), so each phase is a stride-1 convolution of the
+// zero-padded grad_output with those taps (flipped, transposed) and no work is spent
+// on zeros. Stride 1 is the single phase with every tap.
+at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
+                                     at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_input";
+  kernel_dtype(grad_output, op, "grad_output");
+  check_same(op, grad_output, "weight", weight);
+  const Geometry g = make_geometry(op, input_size, weight.sizes(), stride, padding, dilation, groups);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
+                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+              op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
+              "], got ", grad_output.sizes());
+  const bool channels_last = grad_output.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const at::Tensor go = to_compute(grad_output);
+  const at::Tensor w =
+      to_compute(weight).reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  const bool single_phase = g.stride_h == 1 && g.stride_w == 1;
+  at::Tensor grad_input;
+  if (!single_phase) {
+    grad_input = at::empty({g.batch, g.in_channels, g.height, g.width},
+                           go.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                    : at::MemoryFormat::Contiguous));
+  }
+  for (int64_t a = 0; a < std::min(g.stride_h, g.height); ++a) {
+    for (int64_t b = 0; b < std::min(g.stride_w, g.width); ++b) {
+      const PhaseTaps th = phase_taps(a, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
+      const PhaseTaps tw = phase_taps(b, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+      const int64_t phase_h = (g.height - a + g.stride_h - 1) / g.stride_h;
+      const int64_t phase_w = (g.width - b + g.stride_w - 1) / g.stride_w;
+      at::Tensor target;
+      if (!single_phase) {
+        target = grad_input.slice(2, a, g.height, g.stride_h).slice(3, b, g.width, g.stride_w);
+      }
+      if (th.taps.empty() || tw.taps.empty()) {  // no tap reaches these input pixels
+        if (single_phase) return at::zeros(input_size, grad_output.options());
+        target.zero_();
+        continue;
+      }
+      const int64_t nh = int64_t(th.taps.size()), nw = int64_t(tw.taps.size());
+      // Zero rows above (and left of) grad_output so that every offset is >= 0.
+      const int64_t top = std::max<int64_t>(0, -th.first_offset), left = std::max<int64_t>(0, -tw.first_offset);
+      const int64_t rows = std::max(top + g.out_h, top + th.first_offset + (nh - 1) * th.offset_step + phase_h);
+      const int64_t cols = std::max(left + g.out_w, left + tw.first_offset + (nw - 1) * tw.offset_step + phase_w);
+      ConvPass p;
+      p.image = place_nhwc(go, rows, cols, top, left, 1, 1);
+      p.origin = ((top + th.first_offset) * cols + left + tw.first_offset) * g.out_channels;
+      p.out_h = phase_h;
+      p.out_w = phase_w;
+      p.dilation_h = th.offset_step;
+      p.dilation_w = tw.offset_step;
+      p.kernel_h = nh;
+      p.kernel_w = nw;
+      p.groups = g.groups;
+      p.depth_channels = g.out_per_group();
+      p.out_columns = g.in_per_group();
+      // B[g][(t_h, t_w, co)][ci] = weight[g, co, ci, taps_h[t_h], taps_w[t_w]]
+      const at::Tensor taps_h = at::tensor(th.taps, at::kLong), taps_w = at::tensor(tw.taps, at::kLong);
+      p.packed = pad_columns(w.index_select(3, taps_h)
+                                 .index_select(4, taps_w)
+                                 .permute({0, 3, 4, 1, 2})
+                                 .reshape({g.groups, -1, g.in_per_group()}));
+      at::Tensor phase_grad = run_pass(p, channels_last);
+      if (single_phase) return phase_grad.to(grad_output.scalar_type());
+      target.copy_(phase_grad);
+    }
+  }
+  return grad_input.to(grad_output.scalar_type());
+}
+
+// Depthwise grad-weight: chunks of output pixels, each reduced by the channel-vectorized
+// kernel into [taps][C] partial sums, added in chunk order.
+at::Tensor depthwise_weight_grad_cpu(const ConvPass& p, const at::Tensor& grad_output, const Geometry& g,
+                                     at::IntArrayRef weight_size) {
+  const int64_t pixels = g.batch * g.out_h * g.out_w, taps = g.kernel_h * g.kernel_w;
+  const at::Tensor go = place_nhwc(grad_output, g.out_h, g.out_w, 0, 0, 1, 1);  // [pixels][C]
+  const std::vector<int64_t> pixel_offs = pixel_offsets(p);
+  const std::vector<int64_t> tap_offs = field_offsets(p);
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8 * at::get_num_threads(), pixels / 256));
+  const int64_t chunk_pixels = (pixels + chunks - 1) / chunks;
+  at::Tensor partials = at::zeros({chunks, taps, g.out_channels}, go.options());
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  const int64_t elem = go.element_size();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * chunk_pixels;
+      if (first >= pixels) continue;
+      DepthwiseWeightGradArgs args;
+      args.image = p.image.const_data_ptr();
+      args.pixel_offsets = pixel_offs.data() + first;
+      args.pixels = std::min(chunk_pixels, pixels - first);
+      args.tap_offsets = tap_offs.data();
+      args.taps = taps;
+      args.grad = static_cast<const char*>(go.const_data_ptr()) + first * g.out_channels * elem;
+      args.out = static_cast<char*>(partials.mutable_data_ptr()) + chunk * taps * g.out_channels * elem;
+      args.channels = g.out_channels;
+      args.dtype = go.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+      kernels.depthwise_weight_grad(args);
+    }
+  });
+  // [kh, kw, C] -> [C, 1, kh, kw]
+  return partials.sum(0).t().reshape(weight_size).contiguous();
+}
+
+at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                      at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_weight";
+  kernel_dtype(input, op, "input");
+  check_same(op, input, "grad_output", grad_output);
+  const Geometry g = make_geometry(op, input.sizes(), weight_size, stride, padding, dilation, groups);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
+                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+              op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
+              "], got ", grad_output.sizes());
+  const int64_t field = g.kernel_h * g.kernel_w * g.in_per_group();
+  const int64_t pixels = g.batch * g.out_h * g.out_w;
+  at::Tensor x = to_compute(input);
+  const ConvPass p = input_pass(x, g);
+  if (g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1 && pixels > 0) {
+    return depthwise_weight_grad_cpu(p, to_compute(grad_output), g, weight_size).to(input.scalar_type());
+  }
+  // grad_output as B: [G, pixels, pad(C_out/G)]
+  at::Tensor packed_go;
+  if (g.groups == 1) {
+    packed_go = place_nhwc(to_compute(grad_output), g.out_h, g.out_w, 0, 0, 1, 1, round_up(g.out_channels, kColumnPad))
+                    .reshape({1, pixels, round_up(g.out_channels, kColumnPad)});
+  } else {
+    at::Tensor go = to_compute(grad_output).permute({0, 2, 3, 1}).reshape({pixels, g.groups, g.out_per_group()});
+    packed_go = pad_columns(go.permute({1, 0, 2}));
+  }
+  const int64_t row_block = rows_per_task(field, g.groups);
+  const int64_t row_blocks = (field + row_block - 1) / row_block;
+  const int64_t target_tasks = 8 * at::get_num_threads();
+  int64_t chunks = std::max<int64_t>(1, target_tasks / (g.groups * row_blocks));
+  chunks = std::min(chunks, std::max<int64_t>(1, pixels / 256));
+  const int64_t chunk_pixels = (pixels + chunks - 1) / chunks;
+  chunks = pixels == 0 ? 1 : (pixels + chunk_pixels - 1) / chunk_pixels;
+  // [chunks, G, field, C_out/G]: partial sums over chunks of output pixels
+  // Every element is written by its chunk's GEMM (its first depth block stores), so only
+  // an empty reduction (no pixels) needs the zeros.
+  at::Tensor partials = pixels > 0 ? at::empty({chunks, g.groups, field, g.out_per_group()}, x.options())
+                                   : at::zeros({chunks, g.groups, field, g.out_per_group()}, x.options());
+  if (pixels > 0 && partials.numel() > 0) {
+    const std::vector<int64_t> pixel_offs = pixel_offsets(p);  // depth of this GEMM
+    const std::vector<int64_t> field_offs = field_offsets(p);  // rows of this GEMM
+    const int64_t elem = x.element_size();
+    const CpuKernels& kernels = conv2d_cpu_kernels_select();
+    const int64_t tasks = chunks * g.groups * row_blocks;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t chunk = task / (g.groups * row_blocks);
+        const int64_t group = (task / row_blocks) % g.groups;
+        const int64_t row_begin = (task % row_blocks) * row_block;
+        const int64_t pixel_begin = chunk * chunk_pixels;
+        OffsetGemmArgs args;
+        args.a = static_cast<const char*>(p.image.const_data_ptr()) + group * g.in_per_group() * elem;
+        args.row_offsets = field_offs.data();
+        args.depth_offsets = pixel_offs.data() + pixel_begin;
+        args.depth = std::min(chunk_pixels, pixels - pixel_begin);
+        args.ldb = packed_go.size(2);
+        args.b = static_cast<const char*>(packed_go.const_data_ptr()) +
+                 (group * pixels + pixel_begin) * args.ldb * elem;
+        args.ldc = g.out_per_group();
+        args.c = static_cast<char*>(partials.mutable_data_ptr()) + (chunk * g.groups + group) * field * args.ldc * elem;
+        args.columns = g.out_per_group();
+        args.dtype = x.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+        kernels.offset_gemm(args, row_begin, std::min(field, row_begin + row_block));
+      }
+    });
+  }
+  // [G, kh, kw, ci, co] -> [G, co, ci, kh, kw]
+  at::Tensor sum = partials.sum(0).reshape({g.groups, g.kernel_h, g.kernel_w, g.in_per_group(), g.out_per_group()});
+  return sum.permute({0, 4, 3, 1, 2}).reshape(weight_size).contiguous().to(input.scalar_type());
+}
+
+at::Tensor conv2d_backward_bias_cpu(const at::Tensor& grad_output) {
+  const char* op = "conv2d_backward_bias";
+  kernel_dtype(grad_output, op, "grad_output");
+  TORCH_CHECK(grad_output.dim() == 4, op, ": expected a 4-D grad_output, got shape ", grad_output.sizes());
+  return to_compute(grad_output).sum({0, 2, 3}).to(grad_output.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                                              const std::optional<at::Tensor>& bias,
+                                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                                              at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_relu_max_pool2d";
+  const Geometry g = check_forward(op, input, weight, bias, stride, padding, dilation, groups);
+  TORCH_CHECK(g.out_h >= 2 && g.out_w >= 2, op, ": the convolution output (", g.out_h, " x ", g.out_w,
+              ") is smaller than the 2x2 pooling window");
+  const bool channels_last = wants_channels_last(input, weight);
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(to_compute(*bias)) : std::nullopt;
+  ConvPass p = forward_pass(to_compute(input), to_compute(weight), b, g, /*relu=*/true);
+  const int64_t pooled_h = g.out_h / 2, pooled_w = g.out_w / 2;
+  const int64_t windows = g.batch * pooled_h * pooled_w;
+  at::Tensor pooled = at::empty({g.batch, pooled_h, pooled_w, g.out_channels}, p.image.options());
+  at::Tensor argmax = at::empty({g.batch, pooled_h, pooled_w, g.out_channels}, p.image.options().dtype(at::kByte));
+  if (windows > 0 && g.out_channels > 0) {
+    // Row 4w + q is pixel (2 ph + q / 2, 2 pw + q % 2) of window w = (n, ph, pw).
+    const int64_t rows_img = p.image.size(1), cols_img = p.image.size(2), ch = p.image.size(3);
+    std::vector<int64_t> row_offsets(size_t(4 * windows));
+    int64_t* o = row_offsets.data();
+    for (int64_t n = 0; n < g.batch; ++n)
+      for (int64_t ph = 0; ph < pooled_h; ++ph)
+        for (int64_t pw = 0; pw < pooled_w; ++pw)
+          for (int64_t q = 0; q < 4; ++q)
+            *o++ = ((n * rows_img + (2 * ph + q / 2) * g.stride_h) * cols_img + (2 * pw + q % 2) * g.stride_w) * ch;
+    const std::vector<int64_t> depth_offsets = field_offsets(p);
+    const int64_t block = rows_per_task(4 * windows, 1);  // a multiple of 4: whole windows
+    const int64_t blocks = (4 * windows + block - 1) / block;
+    const CpuKernels& kernels = conv2d_cpu_kernels_select();
+    const int64_t elem = p.image.element_size();
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<char> scratch(size_t(block * g.out_channels * elem));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row_begin = task * block, row_end = std::min(4 * windows, row_begin + block);
+        // The scratch block holds rows [row_begin, row_end) at row index r - row_begin.
+        for (int64_t group = 0; group < g.groups; ++group) {
+          OffsetGemmArgs args = gemm_args(p, row_offsets.data() + row_begin, depth_offsets.data(), group,
+                                          scratch.data(), g.out_channels);
+          kernels.offset_gemm(args, 0, row_end - row_begin);
+        }
+        PoolArgs pool;
+        pool.conv = scratch.data();
+        pool.ldc = g.out_channels;
+        pool.columns = g.out_channels;
+        pool.pooled = static_cast<char*>(pooled.mutable_data_ptr()) + (row_begin / 4) * g.out_channels * elem;
+        pool.argmax = argmax.mutable_data_ptr<uint8_t>() + (row_begin / 4) * g.out_channels;
+        pool.dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+        kernels.max_pool_2x2(pool, 0, (row_end - row_begin) / 4);
+      }
+    });
+  }
+  return {from_nhwc(pooled, channels_last).to(input.scalar_type()), from_nhwc(argmax, channels_last)};
+}
+
+// grad_conv (NHWC, dense) from the pooled gradient, output and argmax (any strides):
+// each conv pixel takes its window's gradient if it is the window's argmax and the
+// pooled output is not <= 0 (threshold_backward's rule), else 0. One pass over
+// grad_conv, no separate fill; conv pixels outside every window get 0.
+template <class T>
+void unpool_relu(const at::Tensor& grad, const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& grad_conv) {
+  const T* g = grad.const_data_ptr<T>();
+  const T* y = pooled.const_data_ptr<T>();
+  const uint8_t* idx = argmax.const_data_ptr<uint8_t>();
+  T* out = grad_conv.mutable_data_ptr<T>();
+  const int64_t conv_h = grad_conv.size(1), conv_w = grad_conv.size(2), channels = grad_conv.size(3);
+  const int64_t pooled_h = pooled.size(2), pooled_w = pooled.size(3);
+  const auto gs = grad.strides(), ys = pooled.strides(), is = argmax.strides();
+  at::parallel_for(0, grad_conv.size(0) * conv_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / conv_h, oh = row % conv_h, ph = oh / 2;
+      T* o = out + row * conv_w * channels;
+      for (int64_t ow = 0; ow < conv_w; ++ow, o += channels) {
+        const int64_t pw = ow / 2;
+        if (ph >= pooled_h || pw >= pooled_w) {
+          for (int64_t c = 0; c < channels; ++c) o[c] = T(0);
+          continue;
+        }
+        const uint8_t q = uint8_t((oh % 2) * 2 + ow % 2);
+        const int64_t gi = n * gs[0] + ph * gs[2] + pw * gs[3];
+        const int64_t yi = n * ys[0] + ph * ys[2] + pw * ys[3];
+        const int64_t ii = n * is[0] + ph * is[2] + pw * is[3];
+        for (int64_t c = 0; c < channels; ++c) {
+          const bool pass = idx[ii + c * is[1]] == q && !(y[yi + c * ys[1]] <= T(0));
+          o[c] = pass ? g[gi + c * gs[1]] : T(0);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor conv2d_relu_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output,
+                                               const at::Tensor& argmax, at::IntArrayRef conv_size) {
+  const char* op = "conv2d_relu_max_pool2d_backward";
+  kernel_dtype(output, op, "output");
+  check_same(op, output, "grad_output", grad_output);
+  TORCH_CHECK(conv_size.size() == 4, op, ": conv_size must have 4 elements, got ", conv_size);
+  TORCH_CHECK(output.dim() == 4 && output.size(0) == conv_size[0] && output.size(1) == conv_size[1] &&
+                  output.size(2) == conv_size[2] / 2 && output.size(3) == conv_size[3] / 2,
+              op, ": output of shape ", output.sizes(), " is not the 2x2 pooling of ", conv_size);
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
+              " but output has shape ", output.sizes());
+  TORCH_CHECK(argmax.sizes() == output.sizes() && argmax.scalar_type() == at::kByte, op,
+              ": argmax must be uint8 of shape ", output.sizes(), ", got ", argmax.scalar_type(), " ",
+              argmax.sizes());
+  at::Tensor g = to_compute(grad_output);
+  at::Tensor y = to_compute(output);
+  at::Tensor grad_conv = at::empty({conv_size[0], conv_size[2], conv_size[3], conv_size[1]}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_relu_max_pool2d_backward",
+                             [&] { unpool_relu<scalar_t>(g, y, argmax, grad_conv); });
+  return from_nhwc(grad_conv, true).to(grad_output.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlayers, CPU, m) {
+  m.impl("conv2d", &conv2d_cpu);
+  m.impl("conv2d_backward_input", &conv2d_backward_input_cpu);
+  m.impl("conv2d_backward_weight", &conv2d_backward_weight_cpu);
+  m.impl("conv2d_backward_bias", &conv2d_backward_bias_cpu);
+  m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_cpu);
+  m.impl("conv2d_relu_max_pool2d_backward", &conv2d_relu_max_pool2d_backward_cpu);
+}
+
+}  // namespace fastlayers::conv2d

@@ -1,0 +1,403 @@
+// conv2d CPU kernels: the offset-GEMM micro-kernel and the 2x2 max-pool epilogue.
+// Compiled once per ISA into namespace fastlayers::FL_CPU_NS; parallelism lives in
+// the caller (at::parallel_for over row blocks in conv2d.cpp).
+//
+// Why this design: a convolution is a GEMM whose A operand (im2col of the input) is
+// KH*KW times larger than the input. Materializing it costs memory traffic that an
+// FMA-bound kernel cannot afford, so A is read in place through offset tables (see
+// conv2d_kernel.h). The micro-kernel keeps an R x V register tile of C (R rows,
+// V vectors of output channels; 24 of the 32 zmm registers at AVX-512): per depth step
+// it loads V vectors of B and broadcasts R scalars of A, R*V FMAs for R+V loads, which
+// keeps the two FMA pipes busy. The depth loop is blocked so that the B panel of one
+// block (kDepthBlock x V vectors) stays in L1 while every row tile of the caller's
+// block streams past it. GCC vector extensions give the ISA's full width (zmm, ymm,
+// xmm) from one source.
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "bias_act/bias_act_math.h"
+#include "conv2d/conv2d_kernel.h"
+
+namespace fastlayers::FL_CPU_NS {
+namespace {
+
+using conv2d::OffsetGemmArgs;
+using conv2d::DepthwiseArgs;
+using conv2d::DepthwiseWeightGradArgs;
+using conv2d::PlaceArgs;
+using conv2d::PoolArgs;
+using conv2d::StoreNchwArgs;
+
+#if defined(FL_CPU_ISA_avx512)
+constexpr int kVecBytes = 64;
+constexpr int kMaxVectors = 4;  // 32 vector registers: up to 24 accumulators
+#elif defined(FL_CPU_ISA_avx2)
+constexpr int kVecBytes = 32;
+constexpr int kMaxVectors = 2;  // 16 vector registers: up to 12 accumulators
+#else
+constexpr int kVecBytes = 16;
+constexpr int kMaxVectors = 2;
+#endif
+
+typedef float VecF __attribute__((vector_size(kVecBytes)));
+typedef double VecD __attribute__((vector_size(kVecBytes)));
+template <class T> struct VecOf;
+template <> struct VecOf<float> { using type = VecF; };
+template <> struct VecOf<double> { using type = VecD; };
+
+// Rows per register tile for V vectors: R * V accumulators + V B vectors + 1 broadcast
+// fit the register file; more rows than 12 would spill the row pointers.
+constexpr int max_rows(int vectors) {
+  if (kMaxVectors == 4) return vectors == 4 ? 6 : vectors == 3 ? 8 : 12;
+  return vectors == 2 ? 6 : 12;
+}
+constexpr int kMaxRows = 12;
+
+template <class T>
+FL_INLINE typename VecOf<T>::type load_vec(const T* p) {
+  typename VecOf<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <class T>
+FL_INLINE void store_vec(T* p, typename VecOf<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+struct TileArgs {
+  const void* a;
+  const int64_t* row_offsets;  // R entries
+  const int64_t* depth_offsets;
+  int64_t depth;
+  const void* b;  // already offset to the tile's first column
+  int64_t ldb;
+  void* c;  // already offset to the tile's first row and column
+  int64_t ldc;
+  int64_t valid_columns;  // of this tile's V * W columns
+  bool accumulate;        // C += (else C =)
+  const void* bias;       // null unless this is the last depth block; padded, offset
+  bool relu;              // only on the last depth block
+};
+
+template <class T, int R, int V>
+void tile_kernel(const TileArgs& t) {
+  using Vec = typename VecOf<T>::type;
+  constexpr int W = kVecBytes / sizeof(T);
+  const T* a = static_cast<const T*>(t.a);
+  const T* b = static_cast<const T*>(t.b);
+  T* c = static_cast<T*>(t.c);
+
+  Vec acc[R][V];
+  const T* a_rows[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    a_rows[r] = a + t.row_offsets[r];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+  }
+  const int64_t depth = t.depth;
+  const int64_t ldb = t.ldb;
+  const int64_t* depth_offsets = t.depth_offsets;
+  for (int64_t k = 0; k < depth; ++k) {
+    const int64_t offset = depth_offsets[k];
+    const T* b_row = b + k * ldb;
+    Vec bv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bv[v] = load_vec(b_row + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T s = a_rows[r][offset];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+
+  Vec bias[V] = {};
+  if (t.bias) {
+    const T* bias_ptr = static_cast<const T*>(t.bias);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bias[v] = load_vec(bias_ptr + v * W);
+  }
+  const Vec zero = Vec{};
+  T scratch[V * W];
+  for (int r = 0; r < R; ++r) {
+    T* c_row = c + r * t.ldc;
+    if (t.valid_columns == V * W) {
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) {
+        Vec x = acc[r][v];
+        if (t.accumulate) x += load_vec(c_row + v * W);
+        if (t.bias) x += bias[v];
+        // bias_act's ReLU (activation_forward<kRelu>) on a vector: NaN < 0 is false, NaN is kept.
+        if (t.relu) x = x < zero ? zero : x;
+        store_vec(c_row + v * W, x);
+      }
+    } else {  // the last column tile: only valid_columns of the V * W lanes exist in C
+      for (int v = 0; v < V; ++v) store_vec(scratch + v * W, acc[r][v]);
+      const T* bias_ptr = static_cast<const T*>(t.bias);
+      for (int64_t j = 0; j < t.valid_columns; ++j) {
+        T x = scratch[j];
+        if (t.accumulate) x += c_row[j];
+        if (bias_ptr) x += bias_ptr[j];
+        if (t.relu) x = bias_act::activation_forward<bias_act::Activation::kRelu, T>(x);
+        c_row[j] = x;
+      }
+    }
+  }
+}
+
+using TileFn = void (*)(const TileArgs&);
+
+template <class T, int V, size_t... Rs>
+constexpr std::array<TileFn, kMaxRows> tile_row_table(std::index_sequence<Rs...>) {
+  return {&tile_kernel<T, int(Rs) + 1, V>...};
+}
+
+template <class T, size_t... Vs>
+constexpr std::array<std::array<TileFn, kMaxRows>, kMaxVectors> tile_table(std::index_sequence<Vs...>) {
+  return {tile_row_table<T, int(Vs) + 1>(std::make_index_sequence<kMaxRows>{})...};
+}
+
+// kTiles<T>[V - 1][R - 1] = tile_kernel<T, R, V>. Entries with R > max_rows(V) exist
+// but are never called.
+template <class T>
+constexpr auto kTiles = tile_table<T>(std::make_index_sequence<kMaxVectors>{});
+
+template <class T>
+void offset_gemm_typed(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end) {
+  constexpr int W = kVecBytes / sizeof(T);
+  // The B panel of one depth block, kDepthBlock x (kMaxVectors * W), is 32 KiB: it
+  // stays in L1 while the row tiles of this call stream past it.
+  constexpr int64_t kDepthBlock = (32 * 1024) / (kMaxVectors * kVecBytes);
+  const T* a = static_cast<const T*>(args.a);
+  const T* b = static_cast<const T*>(args.b);
+  const T* bias = static_cast<const T*>(args.bias);
+  T* c = static_cast<T*>(args.c);
+  for (int64_t col = 0; col < args.columns; col += kMaxVectors * W) {
+    const int64_t tile_columns = std::min<int64_t>(kMaxVectors * W, args.columns - col);
+    const int vectors = int((tile_columns + W - 1) / W);
+    const int rows_per_tile = max_rows(vectors);
+    int64_t depth_begin = 0;
+    do {  // runs once when depth == 0: C = bias (or 0)
+      const int64_t depth = std::min(kDepthBlock, args.depth - depth_begin);
+      const bool last = depth_begin + depth == args.depth;
+      for (int64_t row = row_begin; row < row_end; row += rows_per_tile) {
+        const int rows = int(std::min<int64_t>(rows_per_tile, row_end - row));
+        TileArgs t;
+        t.a = a;
+        t.row_offsets = args.row_offsets + row;
+        t.depth_offsets = args.depth_offsets + depth_begin;
+        t.depth = depth;
+        t.b = b + depth_begin * args.ldb + col;
+        t.ldb = args.ldb;
+        t.c = c + row * args.ldc + col;
+        t.ldc = args.ldc;
+        t.valid_columns = tile_columns;
+        t.accumulate = depth_begin > 0;
+        t.bias = last && bias ? bias + col : nullptr;
+        t.relu = last && args.relu;
+        kTiles<T>[vectors - 1][rows - 1](t);
+      }
+      depth_begin += depth;
+    } while (depth_begin < args.depth);
+  }
+}
+
+void offset_gemm(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end) {
+  if (args.dtype == DType::kFloat64) {
+    offset_gemm_typed<double>(args, row_begin, row_end);
+  } else {
+    offset_gemm_typed<float>(args, row_begin, row_end);
+  }
+}
+
+template <class T>
+void max_pool_2x2_typed(const PoolArgs& args, int64_t window_begin, int64_t window_end) {
+  const T* conv = static_cast<const T*>(args.conv);
+  T* pooled = static_cast<T*>(args.pooled);
+  const int64_t columns = args.columns;
+  for (int64_t w = window_begin; w < window_end; ++w) {
+    const T* p0 = conv + (4 * w) * args.ldc;
+    const T* p1 = p0 + args.ldc;
+    const T* p2 = p1 + args.ldc;
+    const T* p3 = p2 + args.ldc;
+    T* out = pooled + w * columns;
+    uint8_t* index = args.argmax + w * columns;
+#pragma omp simd
+    for (int64_t j = 0; j < columns; ++j) {
+      // torch's rule, scanning the window in order: take v if v > max or v is NaN.
+      T m = p0[j];
+      uint8_t at = 0;
+      T v = p1[j];
+      bool take = v > m || v != v;
+      m = take ? v : m;
+      at = take ? 1 : at;
+      v = p2[j];
+      take = v > m || v != v;
+      m = take ? v : m;
+      at = take ? 2 : at;
+      v = p3[j];
+      take = v > m || v != v;
+      m = take ? v : m;
+      at = take ? 3 : at;
+      out[j] = m;
+      index[j] = at;
+    }
+  }
+}
+
+void max_pool_2x2(const PoolArgs& args, int64_t window_begin, int64_t window_end) {
+  if (args.dtype == DType::kFloat64) {
+    max_pool_2x2_typed<double>(args, window_begin, window_end);
+  } else {
+    max_pool_2x2_typed<float>(args, window_begin, window_end);
+  }
+}
+
+template <class T>
+void place_image_typed(const PlaceArgs& args, int64_t row_begin, int64_t row_end) {
+  const T* src = static_cast<const T*>(args.src);
+  T* dst = static_cast<T*>(args.dst);
+  const int64_t row_len = args.cols * args.dst_channels;
+  // Channels a sweep handles: their source rows stay in L1 while the columns advance.
+  constexpr int64_t kChannelChunk = 16;
+  for (int64_t image_row = row_begin; image_row < row_end; ++image_row) {
+    const int64_t n = image_row / args.rows, row = image_row % args.rows;
+    T* out = dst + image_row * row_len;
+    std::memset(out, 0, size_t(row_len) * sizeof(T));
+    const int64_t di = row - args.top;
+    if (di < 0 || di % args.step_h != 0 || di / args.step_h >= args.height) continue;
+    const T* in = src + n * args.src_stride[0] + (di / args.step_h) * args.src_stride[2];
+    const int64_t first_j = args.left >= 0 ? 0 : (-args.left + args.step_w - 1) / args.step_w;
+    int64_t end_j = args.left >= args.cols ? 0 : (args.cols - 1 - args.left) / args.step_w + 1;
+    end_j = std::min(end_j, args.width);
+    for (int64_t c0 = 0; c0 < args.channels; c0 += kChannelChunk) {
+      const int64_t c1 = std::min(args.channels, c0 + kChannelChunk);
+      for (int64_t j = first_j; j < end_j; ++j) {
+        T* o = out + (args.left + j * args.step_w) * args.dst_channels;
+        const T* i = in + j * args.src_stride[3];
+        for (int64_t c = c0; c < c1; ++c) o[c] = i[c * args.src_stride[1]];
+      }
+    }
+  }
+}
+
+void place_image(const PlaceArgs& args, int64_t row_begin, int64_t row_end) {
+  if (args.dtype == DType::kFloat64) {
+    place_image_typed<double>(args, row_begin, row_end);
+  } else {
+    place_image_typed<float>(args, row_begin, row_end);
+  }
+}
+
+template <class T>
+void store_nchw_typed(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end) {
+  const T* block = static_cast<const T*>(args.block);
+  T* dst = static_cast<T*>(args.dst);
+  // Split [row_begin, row_end) where it crosses an image: within one image, channel c
+  // of consecutive pixels is contiguous in the destination.
+  int64_t r = row_begin;
+  while (r < row_end) {
+    const int64_t pixel = args.first_pixel + r;
+    const int64_t n = pixel / args.plane, hw = pixel % args.plane;
+    const int64_t count = std::min(row_end - r, args.plane - hw);
+    T* out = dst + n * args.columns * args.plane + hw;
+    const T* in = block + r * args.ldc;
+    for (int64_t c = 0; c < args.columns; ++c) {
+      T* o = out + c * args.plane;
+      for (int64_t k = 0; k < count; ++k) o[k] = in[k * args.ldc + c];
+    }
+    r += count;
+  }
+}
+
+void store_nchw(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end) {
+  if (args.dtype == DType::kFloat64) {
+    store_nchw_typed<double>(args, row_begin, row_end);
+  } else {
+    store_nchw_typed<float>(args, row_begin, row_end);
+  }
+}
+
+template <class T>
+void depthwise_typed(const DepthwiseArgs& args, int64_t row_begin, int64_t row_end) {
+  // Channels a pass keeps in registers: 64 floats = 4 zmm accumulators.
+  constexpr int64_t kChunk = 64;
+  const T* image = static_cast<const T*>(args.image);
+  const T* weight = static_cast<const T*>(args.weight);
+  const T* bias = static_cast<const T*>(args.bias);
+  T* c = static_cast<T*>(args.c);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* base = image + args.row_offsets[r];
+    T* out = c + r * args.ldc;
+    for (int64_t c0 = 0; c0 < args.channels; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, args.channels - c0);
+      T acc[kChunk];
+      for (int64_t j = 0; j < n; ++j) acc[j] = bias ? bias[c0 + j] : T(0);
+      for (int64_t k = 0; k < args.taps; ++k) {
+        const T* x = base + args.tap_offsets[k] + c0;
+        const T* w = weight + k * args.channels + c0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) acc[j] += x[j] * w[j];
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        out[c0 + j] = args.relu ? bias_act::activation_forward<bias_act::Activation::kRelu, T>(acc[j]) : acc[j];
+      }
+    }
+  }
+}
+
+void depthwise(const DepthwiseArgs& args, int64_t row_begin, int64_t row_end) {
+  if (args.dtype == DType::kFloat64) {
+    depthwise_typed<double>(args, row_begin, row_end);
+  } else {
+    depthwise_typed<float>(args, row_begin, row_end);
+  }
+}
+
+template <class T>
+void depthwise_weight_grad_typed(const DepthwiseWeightGradArgs& args) {
+  // 64 channels at a time: the [taps][64] sums stay in L1 while the pixels stream by.
+  constexpr int64_t kChunk = 64;
+  const T* image = static_cast<const T*>(args.image);
+  const T* grad = static_cast<const T*>(args.grad);
+  T* out = static_cast<T*>(args.out);
+  std::vector<T> sums(size_t(args.taps * kChunk));
+  for (int64_t c0 = 0; c0 < args.channels; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, args.channels - c0);
+    std::fill(sums.begin(), sums.end(), T(0));
+    for (int64_t p = 0; p < args.pixels; ++p) {
+      const T* g = grad + p * args.channels + c0;
+      const T* base = image + args.pixel_offsets[p] + c0;
+      for (int64_t k = 0; k < args.taps; ++k) {
+        const T* x = base + args.tap_offsets[k];
+        T* acc = sums.data() + k * kChunk;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) acc[j] += x[j] * g[j];
+      }
+    }
+    for (int64_t k = 0; k < args.taps; ++k) {
+      for (int64_t j = 0; j < n; ++j) out[k * args.channels + c0 + j] = sums[size_t(k * kChunk + j)];
+    }
+  }
+}
+
+void depthwise_weight_grad(const DepthwiseWeightGradArgs& args) {
+  if (args.dtype == DType::kFloat64) {
+    depthwise_weight_grad_typed<double>(args);
+  } else {
+    depthwise_weight_grad_typed<float>(args);
+  }
+}
+
+}  // namespace
+
+extern const conv2d::CpuKernels conv2d_cpu_kernels;
+const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw, &depthwise,
+                                                   &depthwise_weight_grad};
+
+}  // namespace fastlayers::FL_CPU_NS
