@@ -3,5 +3,6 @@ arguments of its torch twin where one exists, runs the compiled kernel for the t
 device when available, and its pure-PyTorch reference otherwise."""
 
 from fastlayers.ops.bias_act import bias_act
+from fastlayers.ops.rnn import lstm, lstm_cell, rnn, rnn_relu_cell, rnn_tanh_cell
 
-__all__ = ["bias_act"]
+__all__ = ["bias_act", "lstm", "lstm_cell", "rnn", "rnn_relu_cell", "rnn_tanh_cell"]

@@ -1,0 +1,421 @@
+// fastlayers LSTM and Elman RNN ops: checks, the step loops (GEMMs through ATen, fused
+// pointwise kernels through the device's launchers) and the CPU registrations.
+//
+// Why ATen's GEMMs: on the CPU at::mm / addmm_ reach MKL (or oneDNN) sgemm with
+// transposed weight views and no copies; the per-step recurrent GEMM (B x H times
+// H x 4H) is small, and the big GEMMs (the input projection of all timesteps in the
+// forward, the input and weight gradients after the backward loop) are where the
+// library's blocking pays. Everything between two GEMMs is one fused pointwise pass.
+#include "rnn/rnn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/torch_utils.h"
+
+namespace fastlayers::rnn {
+
+Cell parse_nonlinearity(std::string_view nonlinearity, const char* op) {
+  if (nonlinearity == "tanh") return Cell::kRnnTanh;
+  if (nonlinearity == "relu") return Cell::kRnnRelu;
+  TORCH_CHECK_VALUE(false, op, ": unknown nonlinearity '", std::string(nonlinearity),
+                    "'; expected 'tanh' or 'relu'");
+  return Cell::kRnnTanh;
+}
+
+namespace {
+
+bool is_lstm(Cell cell) { return cell == Cell::kLstm; }
+
+void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              input.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+                   " does not match input dtype ", input.scalar_type());
+}
+
+// The checks of torch's RNN cells (same messages for the shape errors torch reports),
+// plus the weight and bias shapes. `input` is [batch, input_size] or, for the layers,
+// [seq_len, batch, input_size]; hidden0 / hidden1 are hx / cx as torch names them.
+void check_forward_args(const char* op, Cell cell, const at::Tensor& input, const at::Tensor& hx,
+                        const at::Tensor* cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  kernel_dtype(input, op, "input");
+  const int64_t gates = gate_count(cell);
+  const int64_t batch = input.size(input.dim() - 2);
+  const int64_t input_size = input.size(input.dim() - 1);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op, ": w_hh must have shape [", gates,
+              " * hidden_size, hidden_size], got ", w_hh.sizes());
+  const int64_t hidden = w_hh.size(1);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == gates * hidden, op, ": w_ih must have shape [", gates * hidden,
+              ", input_size] (", gates, " * hidden_size rows, as w_hh), got ", w_ih.sizes());
+  TORCH_CHECK(input_size == w_ih.size(1), "input has inconsistent input_size: got ", input_size, " expected ",
+              w_ih.size(1));
+  auto check_state = [&](const at::Tensor& state, const char* name) {
+    TORCH_CHECK(state.dim() == 2, op, ": ", name, " must be 2-D [batch, hidden_size], got shape ", state.sizes());
+    TORCH_CHECK(state.size(0) == batch, "Input batch size ", batch, " doesn't match ", name, " batch size ",
+                state.size(0));
+    TORCH_CHECK(state.size(1) == hidden, name, " has inconsistent hidden_size: got ", state.size(1), ", expected ",
+                hidden);
+    check_like_input(op, name, state, input);
+  };
+  check_state(hx, "hidden0");
+  if (cx != nullptr) check_state(*cx, "hidden1");
+  check_like_input(op, "w_ih", w_ih, input);
+  check_like_input(op, "w_hh", w_hh, input);
+  for (const auto& [bias, name] : {std::pair{&b_ih, "b_ih"}, std::pair{&b_hh, "b_hh"}}) {
+    if (!bias->has_value()) continue;
+    const at::Tensor& b = **bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == gates * hidden, op, ": ", name, " must have shape [", gates * hidden,
+                "], got ", b.sizes());
+    check_like_input(op, name, b, input);
+  }
+}
+
+void check_layer_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D [seq_len, batch, input_size], got shape ", input.sizes());
+  TORCH_CHECK(input.size(0) >= 1, op, ": input must have at least one time step, got shape ", input.sizes());
+}
+
+void check_cell_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D [batch, input_size], got shape ", input.sizes());
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
+                 const at::Tensor& like) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+  check_like_input(op, name, t, like);
+}
+
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+struct LayerForward {
+  at::Tensor output;  // [T, B, H]
+  at::Tensor cells;   // LSTM: [T, B, H]
+  at::Tensor gates;   // LSTM: [T, B, 4H] activated gates
+};
+
+// Checked arguments in, the step loop: one GEMM projects the inputs of all timesteps,
+// then per step the recurrent GEMM accumulates into that step's slice and the fused
+// pointwise kernel finishes it.
+LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor& input, const at::Tensor& hx,
+                           const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
+  const int64_t hidden = w_hh.size(1), gate_width = gate_count(cell) * hidden;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor w_hh_t = w_hh.t();
+  at::Tensor gates = at::mm(x.view({steps * batch, input_size}), w_ih.t()).view({steps, batch, gate_width});
+  at::Tensor output = at::empty({steps, batch, hidden}, x.options());
+  at::Tensor cells = is_lstm(cell) ? at::empty({steps, batch, hidden}, x.options()) : at::Tensor();
+  const at::Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
+
+  ForwardArgs args;
+  args.cell = cell;
+  args.dtype = kernel_dtype(x, "rnn", "input");
+  args.batch = batch;
+  args.hidden = hidden;
+  args.bias_ih = data_or_null(bias_ih);
+  args.bias_hh = data_or_null(bias_hh);
+  at::Tensor h_prev = hx.contiguous();
+  at::Tensor c_prev = is_lstm(cell) ? cx.contiguous() : at::Tensor();
+  for (int64_t t = 0; t < steps; ++t) {
+    at::Tensor z = gates.select(0, t);
+    z.addmm_(h_prev, w_hh_t);
+    args.gates = z.mutable_data_ptr();
+    args.hy = output.select(0, t).mutable_data_ptr();
+    if (is_lstm(cell)) {
+      args.cx = c_prev.const_data_ptr();
+      args.cy = cells.select(0, t).mutable_data_ptr();
+    }
+    launch.forward(args);
+    h_prev = output.select(0, t);
+    if (is_lstm(cell)) c_prev = cells.select(0, t);
+  }
+  return {output, cells, is_lstm(cell) ? gates : at::Tensor()};
+}
+
+struct LayerBackward {
+  at::Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias;
+};
+
+// The reverse step loop: per step the fused pointwise backward turns the gradients at
+// h' (and c') into d loss / d z, and one GEMM carries d z back to h; the input and
+// weight gradients are three large GEMMs over all timesteps after the loop.
+// `output` is only read for t < T - 1 (LSTM) or for the activation (RNN).
+LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tensor& grad_output,
+                             const at::Tensor& grad_cells, const at::Tensor& input, const at::Tensor& hx,
+                             const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates,
+                             bool has_bias) {
+  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
+  const int64_t hidden = w_hh.size(1), gate_width = gate_count(cell) * hidden;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_output.contiguous();
+  const at::Tensor dc_out = is_lstm(cell) ? grad_cells.contiguous() : at::Tensor();
+  const at::Tensor h0 = hx.contiguous();
+  const at::Tensor c0 = is_lstm(cell) ? cx.contiguous() : at::Tensor();
+  const at::Tensor out = output.defined() ? output.contiguous() : at::Tensor();
+  const at::Tensor cell_states = is_lstm(cell) ? cells.contiguous() : at::Tensor();
+  const at::Tensor gate_values = is_lstm(cell) ? gates.contiguous() : at::Tensor();
+
+  at::Tensor grad_gates = at::empty({steps, batch, gate_width}, x.options());
+  at::Tensor grad_h = at::empty({batch, hidden}, x.options());  // d loss / d h carried to step t - 1
+  at::Tensor grad_c = is_lstm(cell) ? at::empty({batch, hidden}, x.options()) : at::Tensor();
+
+  BackwardArgs args;
+  args.cell = cell;
+  args.dtype = kernel_dtype(x, "rnn_backward", "input");
+  args.batch = batch;
+  args.hidden = hidden;
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const bool last = t == steps - 1;
+    args.grad_hy = dy.select(0, t).const_data_ptr();
+    args.grad_hy_recurrent = last ? nullptr : grad_h.const_data_ptr();
+    if (is_lstm(cell)) {
+      args.grad_cy = dc_out.select(0, t).const_data_ptr();
+      args.grad_cy_recurrent = last ? nullptr : grad_c.const_data_ptr();
+      args.grad_cx = grad_c.mutable_data_ptr();
+      args.gates = gate_values.select(0, t).const_data_ptr();
+      args.cx = t > 0 ? cell_states.select(0, t - 1).const_data_ptr() : c0.const_data_ptr();
+      args.cy = cell_states.select(0, t).const_data_ptr();
+    } else {
+      args.hy = out.select(0, t).const_data_ptr();
+    }
+    args.grad_gates = grad_gates.select(0, t).mutable_data_ptr();
+    launch.backward(args);
+    at::mm_out(grad_h, grad_gates.select(0, t), w_hh);
+  }
+
+  LayerBackward result;
+  const at::Tensor dz = grad_gates.view({steps * batch, gate_width});
+  result.grad_input = at::mm(dz, w_ih).view({steps, batch, input_size});
+  result.grad_hx = grad_h;
+  result.grad_cx = grad_c;
+  result.grad_w_ih = at::mm(dz.t(), x.view({steps * batch, input_size}));
+  result.grad_w_hh = at::mm(grad_gates.select(0, 0).t(), h0);
+  if (steps > 1) {
+    result.grad_w_hh.addmm_(grad_gates.slice(0, 1).reshape({(steps - 1) * batch, gate_width}).t(),
+                            out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, hidden}));
+  }
+  result.grad_bias = has_bias ? dz.sum(0) : at::empty({0}, x.options());
+  return result;
+}
+
+void check_lstm_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_cells,
+                              const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor* output,
+                              const at::Tensor& cells, const at::Tensor& gates) {
+  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, std::nullopt, std::nullopt);
+  const int64_t steps = input.size(0), batch = input.size(1), hidden = w_hh.size(1);
+  check_shape(op, "grad_output", grad_output, {steps, batch, hidden}, input);
+  check_shape(op, "grad_cells", grad_cells, {steps, batch, hidden}, input);
+  if (output != nullptr) check_shape(op, "output", *output, {steps, batch, hidden}, input);
+  check_shape(op, "cells", cells, {steps, batch, hidden}, input);
+  check_shape(op, "gates", gates, {steps, batch, 4 * hidden}, input);
+}
+
+void check_rnn_backward_args(const char* op, Cell cell, const at::Tensor& grad_output, const at::Tensor& input,
+                             const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const at::Tensor& output) {
+  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, std::nullopt, std::nullopt);
+  const int64_t steps = input.size(0), batch = input.size(1), hidden = w_hh.size(1);
+  check_shape(op, "grad_output", grad_output, {steps, batch, hidden}, input);
+  check_shape(op, "output", output, {steps, batch, hidden}, input);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_impl(
+    const Launchers& launch, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh) {
+  const char* op = "lstm_layer";
+  check_layer_input(op, input);
+  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, b_ih, b_hh);
+  LayerForward f = layer_forward(launch, Cell::kLstm, input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  return {f.output, f.cells, f.gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_impl(
+    const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
+    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias) {
+  const char* op = "lstm_layer_backward";
+  check_layer_input(op, input);
+  check_lstm_backward_args(op, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, &output, cells, gates);
+  LayerBackward b = layer_backward(launch, Cell::kLstm, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output,
+                                   cells, gates, has_bias);
+  return {b.grad_input, b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
+}
+
+at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,
+                          const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                          const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity) {
+  const char* op = "rnn_layer";
+  const Cell cell = parse_nonlinearity(nonlinearity, op);
+  check_layer_input(op, input);
+  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, b_ih, b_hh);
+  return layer_forward(launch, cell, input, hx, at::Tensor(), w_ih, w_hh, b_ih, b_hh).output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_impl(
+    const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, bool has_bias,
+    std::string_view nonlinearity) {
+  const char* op = "rnn_layer_backward";
+  const Cell cell = parse_nonlinearity(nonlinearity, op);
+  check_layer_input(op, input);
+  check_rnn_backward_args(op, cell, grad_output, input, hx, w_ih, w_hh, output);
+  LayerBackward b = layer_backward(launch, cell, grad_output, at::Tensor(), input, hx, at::Tensor(), w_ih, w_hh,
+                                   output, at::Tensor(), at::Tensor(), has_bias);
+  return {b.grad_input, b.grad_hx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_impl(
+    const Launchers& launch, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh) {
+  const char* op = "lstm_cell";
+  check_cell_input(op, input);
+  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, b_ih, b_hh);
+  LayerForward f = layer_forward(launch, Cell::kLstm, input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh);
+  return {f.output.squeeze(0), f.cells.squeeze(0), f.gates.squeeze(0)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_impl(
+    const Launchers& launch, const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input,
+    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& gates, const at::Tensor& cy, bool has_bias) {
+  const char* op = "lstm_cell_backward";
+  check_cell_input(op, input);
+  const at::Tensor x = input.unsqueeze(0);
+  check_lstm_backward_args(op, grad_hy.unsqueeze(0), grad_cy.unsqueeze(0), x, hx, cx, w_ih, w_hh, nullptr,
+                           cy.unsqueeze(0), gates.unsqueeze(0));
+  LayerBackward b = layer_backward(launch, Cell::kLstm, grad_hy.unsqueeze(0), grad_cy.unsqueeze(0), x, hx, cx, w_ih,
+                                   w_hh, at::Tensor(), cy.unsqueeze(0), gates.unsqueeze(0), has_bias);
+  return {b.grad_input.squeeze(0), b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
+}
+
+at::Tensor rnn_cell_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity) {
+  const char* op = "rnn_cell";
+  const Cell cell = parse_nonlinearity(nonlinearity, op);
+  check_cell_input(op, input);
+  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, b_ih, b_hh);
+  return layer_forward(launch, cell, input.unsqueeze(0), hx, at::Tensor(), w_ih, w_hh, b_ih, b_hh).output.squeeze(0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_backward_impl(
+    const Launchers& launch, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& hy, bool has_bias,
+    std::string_view nonlinearity) {
+  const char* op = "rnn_cell_backward";
+  const Cell cell = parse_nonlinearity(nonlinearity, op);
+  check_cell_input(op, input);
+  const at::Tensor x = input.unsqueeze(0);
+  check_rnn_backward_args(op, cell, grad_hy.unsqueeze(0), x, hx, w_ih, w_hh, hy.unsqueeze(0));
+  LayerBackward b = layer_backward(launch, cell, grad_hy.unsqueeze(0), at::Tensor(), x, hx, at::Tensor(), w_ih, w_hh,
+                                   hy.unsqueeze(0), at::Tensor(), at::Tensor(), has_bias);
+  return {b.grad_input.squeeze(0), b.grad_hx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
+}
+
+// ---- CPU ---------------------------------------------------------------------------
+
+namespace {
+
+// Batch rows per parallel task: at least ~16K elements of the gate matrix, below which
+// waking the second thread costs more than the pointwise pass itself.
+int64_t grain_rows(Cell cell, int64_t hidden) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, gate_count(cell) * hidden));
+}
+
+void forward_cpu(const ForwardArgs& args) {
+  const CpuKernels& kernels = rnn_cpu_kernels_select();
+  at::parallel_for(0, args.batch, grain_rows(args.cell, args.hidden),
+                   [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+}
+
+void backward_cpu(const BackwardArgs& args) {
+  const CpuKernels& kernels = rnn_cpu_kernels_select();
+  at::parallel_for(0, args.batch, grain_rows(args.cell, args.hidden),
+                   [&](int64_t begin, int64_t end) { kernels.backward(args, begin, end); });
+}
+
+constexpr Launchers kCpuLaunchers{&forward_cpu, &backward_cpu};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                                             const at::Tensor& cx, const at::Tensor& w_ih,
+                                                             const at::Tensor& w_hh,
+                                                             const std::optional<at::Tensor>& b_ih,
+                                                             const std::optional<at::Tensor>& b_hh) {
+  return lstm_cell_impl(kCpuLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cpu(
+    const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& gates,
+    const at::Tensor& cy, bool has_bias) {
+  return lstm_cell_backward_impl(kCpuLaunchers, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, gates, cy, has_bias);
+}
+
+at::Tensor rnn_cell_cpu(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                        const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
+  return rnn_cell_impl(kCpuLaunchers, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_backward_cpu(
+    const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& hy, bool has_bias, c10::string_view nonlinearity) {
+  return rnn_cell_backward_impl(kCpuLaunchers, grad_hy, input, hx, w_ih, w_hh, hy, has_bias, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                                              const at::Tensor& cx, const at::Tensor& w_ih,
+                                                              const at::Tensor& w_hh,
+                                                              const std::optional<at::Tensor>& b_ih,
+                                                              const std::optional<at::Tensor>& b_hh) {
+  return lstm_layer_impl(kCpuLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
+    const at::Tensor& cells, const at::Tensor& gates, bool has_bias) {
+  return lstm_layer_backward_impl(kCpuLaunchers, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells,
+                                  gates, has_bias);
+}
+
+at::Tensor rnn_layer_cpu(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                         const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
+  return rnn_layer_impl(kCpuLaunchers, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& output, bool has_bias, c10::string_view nonlinearity) {
+  return rnn_layer_backward_impl(kCpuLaunchers, grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlayers, CPU, m) {
+  m.impl("lstm_cell", &lstm_cell_cpu);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
+  m.impl("rnn_cell", &rnn_cell_cpu);
+  m.impl("rnn_cell_backward", &rnn_cell_backward_cpu);
+  m.impl("lstm_layer", &lstm_layer_cpu);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+  m.impl("rnn_layer", &rnn_layer_cpu);
+  m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
+}
+
+}  // namespace fastlayers::rnn
