@@ -139,6 +139,34 @@ def test_cell_ops_match_float64_oracle_and_are_no_worse_than_torch(cpu_isa, cell
             assert_no_worse_than_torch(o, n, r, floor=TOLERANCES[dtype][1])
 
 
+# (steps, batch, input_size, hidden): a thin input (the transposed GEMM orientation),
+# a wide one, steps * batch > 256 (the weight-gradient GEMMs split k into chunks),
+# batches that leave partial 6-row tiles and hidden sizes that leave partial panels.
+LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9)]
+
+
+@pytest.mark.parametrize("shape", LAYER_GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+def test_float32_layer_ops_match_float64_oracle_on_every_cpu_isa(cpu_isa, kind, shape):
+    steps, batch, input_size, hidden = shape
+    args64 = _op_args(kind, True, requires_grad=True, steps=steps, batch=batch, input_size=input_size, hidden=hidden)
+    with torch.no_grad():  # a contractive recurrence: rounding differences must not grow chaotically over 40 steps
+        args64[4 if kind == "lstm" else 3].mul_(2 / hidden**0.5)
+    args32 = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args64]
+    results = []
+    for args in (args32, args64):
+        out = _differentiable_outputs(kind, _op(kind, True))(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        torch.manual_seed(5)
+        grads_out = [torch.randn(o.shape, dtype=torch.float64).to(o.dtype) for o in out]
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        results.append((out, torch.autograd.grad(out, tensors, grads_out)))
+    for ours, oracle in zip(_flatten(results[0]), _flatten(results[1]), strict=True):
+        # float32 sums over up to steps * batch = 280 products: a few ulp of the magnitudes.
+        scale = oracle.abs().max().item()
+        torch.testing.assert_close(ours.double(), oracle, rtol=1e-5, atol=2e-6 * max(1.0, scale))
+
+
 def test_cell_modules_take_torch_parameters_and_initialisation():
     for make_native, ours_cls, kwargs in [
         (torch.nn.LSTMCell, fnn.LSTMCell, dict(bias=False)),

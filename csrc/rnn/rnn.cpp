@@ -26,6 +26,31 @@ Cell parse_nonlinearity(std::string_view nonlinearity, const char* op) {
 
 namespace {
 
+class AtenStepMatmul final : public StepMatmul {
+ public:
+  explicit AtenStepMatmul(at::Tensor b) : b_(std::move(b)) {}
+  void run(const at::Tensor& a, at::Tensor c, bool accumulate) override {
+    aten_matmul_out(c, a, b_, accumulate);
+  }
+
+ private:
+  at::Tensor b_;
+};
+
+}  // namespace
+
+std::unique_ptr<StepMatmul> make_aten_step_matmul(const at::Tensor& b) { return std::make_unique<AtenStepMatmul>(b); }
+
+void aten_matmul_out(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+namespace {
+
 bool is_lstm(Cell cell) { return cell == Cell::kLstm; }
 
 void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
@@ -88,10 +113,13 @@ void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntA
   check_like_input(op, name, t, like);
 }
 
-const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
-
-at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
+// b_ih + b_hh, b_ih or b_hh (undefined when there is none): added by the input
+// projection GEMM once for all timesteps, so the per-step kernels carry no bias.
+at::Tensor combined_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  if (b_ih.has_value() && b_hh.has_value()) return at::add(*b_ih, *b_hh);
+  if (b_ih.has_value()) return *b_ih;
+  if (b_hh.has_value()) return *b_hh;
+  return at::Tensor();
 }
 
 struct LayerForward {
@@ -100,33 +128,35 @@ struct LayerForward {
   at::Tensor gates;   // LSTM: [T, B, 4H] activated gates
 };
 
-// Checked arguments in, the step loop: one GEMM projects the inputs of all timesteps,
-// then per step the recurrent GEMM accumulates into that step's slice and the fused
-// pointwise kernel finishes it.
+// Checked arguments in, the step loop: one GEMM projects the inputs of all timesteps
+// and adds the biases, then per step the recurrent GEMM accumulates into that step's
+// slice and the fused pointwise kernel finishes it.
 LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor& input, const at::Tensor& hx,
                            const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                            const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
   const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
   const int64_t hidden = w_hh.size(1), gate_width = gate_count(cell) * hidden;
   const at::Tensor x = input.contiguous();
-  const at::Tensor w_hh_t = w_hh.t();
-  at::Tensor gates = at::mm(x.view({steps * batch, input_size}), w_ih.t()).view({steps, batch, gate_width});
+  const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh.t());
+  const at::Tensor x2d = x.view({steps * batch, input_size});
+  const at::Tensor bias = combined_bias(b_ih, b_hh);
+  at::Tensor gates = bias.defined() ? bias.expand({steps * batch, gate_width}).contiguous()
+                                    : at::empty({steps * batch, gate_width}, x.options());
+  launch.matmul_out(gates, x2d, w_ih.t(), /*accumulate=*/bias.defined());
+  gates = gates.view({steps, batch, gate_width});
   at::Tensor output = at::empty({steps, batch, hidden}, x.options());
   at::Tensor cells = is_lstm(cell) ? at::empty({steps, batch, hidden}, x.options()) : at::Tensor();
-  const at::Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
 
   ForwardArgs args;
   args.cell = cell;
   args.dtype = kernel_dtype(x, "rnn", "input");
   args.batch = batch;
   args.hidden = hidden;
-  args.bias_ih = data_or_null(bias_ih);
-  args.bias_hh = data_or_null(bias_hh);
   at::Tensor h_prev = hx.contiguous();
   at::Tensor c_prev = is_lstm(cell) ? cx.contiguous() : at::Tensor();
   for (int64_t t = 0; t < steps; ++t) {
     at::Tensor z = gates.select(0, t);
-    z.addmm_(h_prev, w_hh_t);
+    recurrent->run(h_prev, z, /*accumulate=*/true);
     args.gates = z.mutable_data_ptr();
     args.hy = output.select(0, t).mutable_data_ptr();
     if (is_lstm(cell)) {
@@ -165,21 +195,22 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
   const at::Tensor gate_values = is_lstm(cell) ? gates.contiguous() : at::Tensor();
 
   at::Tensor grad_gates = at::empty({steps, batch, gate_width}, x.options());
-  at::Tensor grad_h = at::empty({batch, hidden}, x.options());  // d loss / d h carried to step t - 1
-  at::Tensor grad_c = is_lstm(cell) ? at::empty({batch, hidden}, x.options()) : at::Tensor();
+  // d loss / d h and d c carried from step t to t - 1; zero beyond the last step.
+  at::Tensor grad_h = at::zeros({batch, hidden}, x.options());
+  at::Tensor grad_c = is_lstm(cell) ? at::zeros({batch, hidden}, x.options()) : at::Tensor();
 
+  const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh);
   BackwardArgs args;
   args.cell = cell;
   args.dtype = kernel_dtype(x, "rnn_backward", "input");
   args.batch = batch;
   args.hidden = hidden;
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const bool last = t == steps - 1;
     args.grad_hy = dy.select(0, t).const_data_ptr();
-    args.grad_hy_recurrent = last ? nullptr : grad_h.const_data_ptr();
+    args.grad_hy_recurrent = grad_h.const_data_ptr();
     if (is_lstm(cell)) {
       args.grad_cy = dc_out.select(0, t).const_data_ptr();
-      args.grad_cy_recurrent = last ? nullptr : grad_c.const_data_ptr();
+      args.grad_cy_recurrent = grad_c.const_data_ptr();
       args.grad_cx = grad_c.mutable_data_ptr();
       args.gates = gate_values.select(0, t).const_data_ptr();
       args.cx = t > 0 ? cell_states.select(0, t - 1).const_data_ptr() : c0.const_data_ptr();
@@ -189,19 +220,23 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
     }
     args.grad_gates = grad_gates.select(0, t).mutable_data_ptr();
     launch.backward(args);
-    at::mm_out(grad_h, grad_gates.select(0, t), w_hh);
+    recurrent->run(grad_gates.select(0, t), grad_h, /*accumulate=*/false);
   }
 
   LayerBackward result;
   const at::Tensor dz = grad_gates.view({steps * batch, gate_width});
-  result.grad_input = at::mm(dz, w_ih).view({steps, batch, input_size});
+  result.grad_input = at::empty({steps * batch, input_size}, x.options());
+  launch.matmul_out(result.grad_input, dz, w_ih, false);
+  result.grad_input = result.grad_input.view({steps, batch, input_size});
   result.grad_hx = grad_h;
   result.grad_cx = grad_c;
-  result.grad_w_ih = at::mm(dz.t(), x.view({steps * batch, input_size}));
-  result.grad_w_hh = at::mm(grad_gates.select(0, 0).t(), h0);
+  result.grad_w_ih = at::empty({gate_width, input_size}, x.options());
+  launch.matmul_out(result.grad_w_ih, dz.t(), x.view({steps * batch, input_size}), false);
+  result.grad_w_hh = at::empty({gate_width, hidden}, x.options());
+  launch.matmul_out(result.grad_w_hh, grad_gates.select(0, 0).t(), h0, false);
   if (steps > 1) {
-    result.grad_w_hh.addmm_(grad_gates.slice(0, 1).reshape({(steps - 1) * batch, gate_width}).t(),
-                            out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, hidden}));
+    launch.matmul_out(result.grad_w_hh, grad_gates.slice(0, 1).reshape({(steps - 1) * batch, gate_width}).t(),
+                      out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, hidden}), true);
   }
   result.grad_bias = has_bias ? dz.sum(0) : at::empty({0}, x.options());
   return result;
@@ -348,7 +383,120 @@ void backward_cpu(const BackwardArgs& args) {
                    [&](int64_t begin, int64_t end) { kernels.backward(args, begin, end); });
 }
 
-constexpr Launchers kCpuLaunchers{&forward_cpu, &backward_cpu};
+// float32 GEMMs on the packed micro-kernel of rnn_cpu_kernel.cpp (see there for why);
+// other dtypes through ATen.
+
+// k is split into chunks so that a packed panel (chunk x 32 floats at AVX-512) stays in L1.
+constexpr int64_t kGemmDepthChunk = 256;
+// Rows per task of the large GEMMs: a row block of A (96 x 256 floats) stays in L2 while
+// the task sweeps its panels.
+constexpr int64_t kGemmRowBlock = 96;
+
+int64_t gemm_grain(int64_t rows, int64_t depth, int64_t width) {
+  // Tasks per parallel chunk: at least ~1 MFLOP each.
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, 2 * rows * depth * width));
+}
+
+void run_gemm_tasks(const CpuKernels& kernels, const GemmArgs& args) {
+  const int64_t width = kernels.gemm_panel_width();
+  const int64_t panels = (args.n + width - 1) / width;
+  const int64_t tasks = panels * ((args.m + args.row_block - 1) / args.row_block);
+  at::parallel_for(0, tasks, gemm_grain(std::min(args.m, args.row_block), args.k, width),
+                   [&](int64_t begin, int64_t end) { kernels.gemm(args, begin, end); });
+}
+
+class PackedStepMatmul final : public StepMatmul {
+ public:
+  explicit PackedStepMatmul(const at::Tensor& b) : kernels_(rnn_cpu_kernels_select()), k_(b.size(0)), n_(b.size(1)) {
+    const int64_t width = kernels_.gemm_panel_width();
+    packed_ = at::empty({(n_ + width - 1) / width * k_ * width}, b.options());
+    kernels_.pack_b(b.const_data_ptr<float>(), k_, n_, b.stride(0), b.stride(1), packed_.mutable_data_ptr<float>());
+  }
+
+  void run(const at::Tensor& a, at::Tensor c, bool accumulate) override {
+    GemmArgs args;
+    args.a = a.const_data_ptr<float>();
+    args.lda = a.stride(0);
+    args.packed_b = packed_.const_data_ptr<float>();
+    args.c = c.mutable_data_ptr<float>();
+    args.ldc = c.stride(0);
+    args.m = a.size(0);
+    args.n = n_;
+    args.k = k_;
+    args.row_block = std::max<int64_t>(1, args.m);
+    args.accumulate = accumulate;
+    if (args.m == 0 || args.n == 0) return;
+    if (args.k == 0) {
+      if (!accumulate) c.zero_();
+      return;
+    }
+    run_gemm_tasks(kernels_, args);
+  }
+
+ private:
+  const CpuKernels& kernels_;
+  int64_t k_, n_;
+  at::Tensor packed_;
+};
+
+std::unique_ptr<StepMatmul> make_step_matmul_cpu(const at::Tensor& b) {
+  if (b.scalar_type() == at::kFloat) return std::make_unique<PackedStepMatmul>(b);
+  return make_aten_step_matmul(b);
+}
+
+// c (+)= a b, float32, c dense row-major: A made row-major (a copy when it is a
+// transposed view), B packed chunk by chunk of k.
+void packed_matmul_out(at::Tensor c, const at::Tensor& a_in, const at::Tensor& b, bool accumulate) {
+  const CpuKernels& kernels = rnn_cpu_kernels_select();
+  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1), width = kernels.gemm_panel_width();
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
+  at::Tensor packed = at::empty({(n + width - 1) / width * std::min(k, kGemmDepthChunk) * width}, a.options());
+  for (int64_t k0 = 0; k0 < k; k0 += kGemmDepthChunk) {
+    const int64_t depth = std::min(kGemmDepthChunk, k - k0);
+    kernels.pack_b(b.const_data_ptr<float>() + k0 * b.stride(0), depth, n, b.stride(0), b.stride(1),
+                   packed.mutable_data_ptr<float>());
+    GemmArgs args;
+    args.a = a.const_data_ptr<float>() + k0;
+    args.lda = a.stride(0);
+    args.packed_b = packed.const_data_ptr<float>();
+    args.c = c.mutable_data_ptr<float>();
+    args.ldc = c.stride(0);
+    args.m = m;
+    args.n = n;
+    args.k = depth;
+    args.row_block = kGemmRowBlock;
+    args.accumulate = accumulate || k0 > 0;
+    run_gemm_tasks(kernels, args);
+  }
+}
+
+void matmul_out_cpu(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (c.scalar_type() != at::kFloat) return aten_matmul_out(c, a, b, accumulate);
+  const int64_t m = a.size(0), n = b.size(1);
+  const int64_t width = rnn_cpu_kernels_select().gemm_panel_width();
+  // Compute c^T = b^T a^T instead when c is thin (n below a panel's width would fill
+  // few of its lanes, e.g. the input gradient for a small input_size), or when a is a
+  // transposed view (the weight gradients' dz^T) that would have to be copied whole
+  // while b^T (x^T, h^T) is the smaller copy.
+  if ((n < width && m > n) || (a.stride(1) != 1 && n < m)) {
+    at::Tensor c_t = at::empty({n, m}, c.options());
+    packed_matmul_out(c_t, b.t(), a.t(), false);
+    if (accumulate) {
+      c.add_(c_t.t());
+    } else {
+      c.copy_(c_t.t());
+    }
+    return;
+  }
+  packed_matmul_out(c, a, b, accumulate);
+}
+
+constexpr Launchers kCpuLaunchers{&forward_cpu, &backward_cpu, &make_step_matmul_cpu, &matmul_out_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(const at::Tensor& input, const at::Tensor& hx,
                                                              const at::Tensor& cx, const at::Tensor& w_ih,

@@ -4,6 +4,7 @@
 // device passes in as launchers (rnn.cpp for the CPU, rnn_cuda.cpp for CUDA).
 #pragma once
 
+#include <memory>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -14,9 +15,27 @@
 
 namespace fastlayers::rnn {
 
+// The recurrent GEMM of every step, c (+)= a b, for one b ([k, n], a weight or its
+// transpose) over all the steps of one op call; a and c are dense row-major.
+class StepMatmul {
+ public:
+  virtual ~StepMatmul() = default;
+  virtual void run(const at::Tensor& a, at::Tensor c, bool accumulate) = 0;
+};
+
+// at::mm_out / addmm_ (cuBLAS, MKL): the general case.
+std::unique_ptr<StepMatmul> make_aten_step_matmul(const at::Tensor& b);
+
+// c (+)= a b through ATen; c dense row-major [m, n], a and b any strides.
+void aten_matmul_out(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
 struct Launchers {
   void (*forward)(const ForwardArgs& args);
   void (*backward)(const BackwardArgs& args);
+  // The per-step recurrent GEMM, and the layer's large GEMMs (input projection, input
+  // and weight gradients).
+  std::unique_ptr<StepMatmul> (*make_step_matmul)(const at::Tensor& b);
+  void (*matmul_out)(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 };
 
 Cell parse_nonlinearity(std::string_view nonlinearity, const char* op);

@@ -30,34 +30,20 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>
   return __float2bfloat16_rn(v);
 }
 
-// Element j of an optional vector or matrix (null: `absent`).
-template <class S>
-__device__ __forceinline__ typename Compute<S>::type optional_at(const S* p, int64_t j,
-                                                                 typename Compute<S>::type absent) {
-  return p ? to_compute(p[j]) : absent;
-}
-
 template <class S>
 __global__ void lstm_forward_kernel(ForwardArgs args) {
   using T = typename Compute<S>::type;
   const int64_t hidden = args.hidden;
   const int64_t n = args.batch * hidden;
   S* z = static_cast<S*>(args.gates);
-  const S* b_ih = static_cast<const S*>(args.bias_ih);
-  const S* b_hh = static_cast<const S*>(args.bias_hh);
   const S* c_prev = static_cast<const S*>(args.cx);
   S* h_next = static_cast<S*>(args.hy);
   S* c_next = static_cast<S*>(args.cy);
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row = k / hidden, j = k - row * hidden;
     S* zr = z + row * 4 * hidden;
-    T pre[4];
-#pragma unroll
-    for (int gate = 0; gate < 4; ++gate) {
-      const int64_t col = gate * hidden + j;
-      pre[gate] = to_compute(zr[col]) + optional_at(b_ih, col, T(-0.0)) + optional_at(b_hh, col, T(-0.0));
-    }
-    const LstmGates<T> a = lstm_activate<T>(pre[0], pre[1], pre[2], pre[3]);
+    const LstmGates<T> a = lstm_activate<T>(to_compute(zr[j]), to_compute(zr[hidden + j]),
+                                            to_compute(zr[2 * hidden + j]), to_compute(zr[3 * hidden + j]));
     const T c = a.f * to_compute(c_prev[k]) + a.i * a.g;
     zr[j] = from_compute<S>(a.i);
     zr[hidden + j] = from_compute<S>(a.f);
@@ -74,13 +60,9 @@ __global__ void rnn_forward_kernel(ForwardArgs args) {
   const int64_t hidden = args.hidden;
   const int64_t n = args.batch * hidden;
   const S* z = static_cast<const S*>(args.gates);
-  const S* b_ih = static_cast<const S*>(args.bias_ih);
-  const S* b_hh = static_cast<const S*>(args.bias_hh);
   S* h_next = static_cast<S*>(args.hy);
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = k % hidden;
-    h_next[k] = from_compute<S>(
-        rnn_activate<C, T>(to_compute(z[k]) + optional_at(b_ih, j, T(-0.0)) + optional_at(b_hh, j, T(-0.0))));
+    h_next[k] = from_compute<S>(rnn_activate<C, T>(to_compute(z[k])));
   }
 }
 
@@ -103,8 +85,8 @@ __global__ void lstm_backward_kernel(BackwardArgs args) {
     const S* gr = gates + row * 4 * hidden;
     const LstmGates<T> a{to_compute(gr[j]), to_compute(gr[hidden + j]), to_compute(gr[2 * hidden + j]),
                          to_compute(gr[3 * hidden + j])};
-    const T grad_h = to_compute(dh[k]) + optional_at(dh_rec, k, T(0));
-    const T grad_c = optional_at(dc, k, T(0)) + optional_at(dc_rec, k, T(0));
+    const T grad_h = to_compute(dh[k]) + to_compute(dh_rec[k]);
+    const T grad_c = to_compute(dc[k]) + to_compute(dc_rec[k]);
     const LstmGateGrads<T> d = lstm_gate_grads<T>(a, to_compute(c_prev[k]), to_compute(c_next[k]), grad_h, grad_c);
     S* dzr = dz + row * 4 * hidden;
     dzr[j] = from_compute<S>(d.i);
@@ -124,7 +106,7 @@ __global__ void rnn_backward_kernel(BackwardArgs args) {
   const S* dh_rec = static_cast<const S*>(args.grad_hy_recurrent);
   S* dz = static_cast<S*>(args.grad_gates);
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n; k += int64_t(gridDim.x) * blockDim.x) {
-    dz[k] = from_compute<S>(rnn_grad<C, T>(to_compute(h[k]), to_compute(dh[k]) + optional_at(dh_rec, k, T(0))));
+    dz[k] = from_compute<S>(rnn_grad<C, T>(to_compute(h[k]), to_compute(dh[k]) + to_compute(dh_rec[k])));
   }
 }
 
