@@ -252,9 +252,9 @@ def test_rnn_matches_torch_rnn(config, batched, with_hx, dtype):
     _assert_same(_run_and_grad(ours, inputs), _run_and_grad(native, inputs), dtype)
 
 
-@pytest.mark.parametrize("batch,steps", [(1, 1), (1, 9), (4, 1)])
+@pytest.mark.parametrize("batch,steps", [(1, 1), (1, 9), (4, 1), (0, 3)])
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
-def test_layers_match_torch_with_batch_one_and_a_single_step(kind, batch, steps):
+def test_layers_match_torch_with_batch_one_an_empty_batch_and_a_single_step(kind, batch, steps):
     native = (torch.nn.LSTM if kind == "lstm" else torch.nn.RNN)(6, 5, num_layers=2, dtype=torch.float64)
     ours = _pair(native, fnn.LSTM if kind == "lstm" else fnn.RNN)
     inputs = _layer_inputs(native, torch.float64, steps, batch, batched=True, with_hx=True, is_lstm=kind == "lstm")
