@@ -320,6 +320,25 @@ def test_dropout_between_layers_in_training_matches_torch_for_the_same_seed(kind
     _assert_same(ours(x), native.eval()(x), torch.float64)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh", "rnn_relu"])
+def test_functional_layers_match_torch_vf_with_the_same_arguments(kind):
+    dtype = torch.float64
+    if kind == "lstm":
+        native = torch.nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True, dtype=dtype)
+        hx = (torch.randn(4, 3, 5, dtype=dtype), torch.randn(4, 3, 5, dtype=dtype))
+    else:
+        native = torch.nn.RNN(6, 5, num_layers=2, bidirectional=True, batch_first=True, nonlinearity=kind[4:], dtype=dtype)
+        hx = torch.randn(4, 3, 5, dtype=dtype)
+    x = torch.randn(3, 7, 6, dtype=dtype)
+    args = (x, hx, native._flat_weights, True, 2, 0.0, False, True, True)
+    if kind == "lstm":
+        ours, expected = fastlayers.functional.lstm(*args), torch._VF.lstm(*args)
+    else:
+        ours = fastlayers.functional.rnn(*args, nonlinearity=kind[4:])
+        expected = getattr(torch._VF, kind)(*args)
+    _assert_same(ours, expected, dtype)
+
+
 def test_reference_backend_runs_the_reference_and_gives_the_same_results():
     lstm = fnn.LSTM(6, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
     cell = fnn.RNNCell(6, 5, nonlinearity="relu", dtype=torch.float64)
