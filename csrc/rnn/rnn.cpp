@@ -423,7 +423,10 @@ class PackedStepMatmul final : public StepMatmul {
     args.m = a.size(0);
     args.n = n_;
     args.k = k_;
-    args.row_block = std::max<int64_t>(1, args.m);
+    // Split the rows between the threads too: a thin n (the backward's dz W_hh has
+    // n = hidden) leaves too few panels to share.
+    const int64_t rows_per_thread = (args.m + at::get_num_threads() - 1) / at::get_num_threads();
+    args.row_block = std::max<int64_t>(6, (rows_per_thread + 5) / 6 * 6);
     args.accumulate = accumulate;
     if (args.m == 0 || args.n == 0) return;
     if (args.k == 0) {
