@@ -305,6 +305,27 @@ def test_layers_match_torch_with_packed_uneven_lengths(kind, config, with_hx):
     _assert_same(grad_ours, grad_native, dtype)
 
 
+def _autograd_node_names(tensor):
+    seen, stack, names = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_packed_input_runs_the_layer_op_once_per_direction(kind):
+    module = (fnn.LSTM if kind == "lstm" else fnn.RNN)(6, 5, bidirectional=True)
+    packed = pack_padded_sequence(torch.randn(9, 4, 6, requires_grad=True), torch.tensor([9, 6, 6, 2]))
+    names = _autograd_node_names(module(packed)[0].data)
+    layer_nodes = [n for n in names if f"fastlayers_{kind}_layer" in n]
+    assert layer_nodes and not any("_cell" in n for n in names)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
 def test_dropout_between_layers_in_training_matches_torch_for_the_same_seed(kind):
     native = (torch.nn.LSTM if kind == "lstm" else torch.nn.RNN)(6, 5, num_layers=3, dropout=0.4, dtype=torch.float64)

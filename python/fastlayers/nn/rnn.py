@@ -11,9 +11,9 @@ The shape checks are torch's own, so they raise torch's errors.
 Dynamo refuses to trace ``isinstance(m, nn.LSTM)`` modules (it graph-breaks there),
 while these compile with ``fullgraph=True``.
 
-What runs where is documented in ``fastlayers.ops.rnn``: padded input without
-projection runs the whole-layer op; packed input the cell ops step by step; an LSTM
-with ``proj_size`` the pure-PyTorch reference.
+What runs where is documented in ``fastlayers.ops.rnn``: without projection the
+whole-layer op (packed input padded to its longest sequence); an LSTM with
+``proj_size`` the pure-PyTorch reference cell, step by step.
 """
 
 from __future__ import annotations

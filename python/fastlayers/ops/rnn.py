@@ -19,17 +19,19 @@ and the Elman RNN ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, ``act`` = tanh or
   oracle), the functional API and the multi-layer / bidirectional / packed driver
   that ``fastlayers.nn.LSTM`` / ``RNN`` use.
 
-What runs where: layers without projection on padded (non-packed) input run the layer
-op; ``PackedSequence`` input runs the cell ops step by step over the shrinking batch
-(as torch does); LSTM with ``proj_size`` runs the pure-PyTorch reference cell step by
-step (the kernels do not implement the projection). Higher-order gradients
-(``create_graph=True``) are computed by differentiating the reference.
+What runs where: layers without projection run the layer op, ``PackedSequence`` input
+padded to its longest sequence (each sequence reversed within its own length for the
+reverse direction; the padded steps cost time, the results are exact); an LSTM with
+``proj_size`` runs the pure-PyTorch reference cell step by step over the (shrinking)
+batch, as torch does (the kernels do not implement the projection). Higher-order
+gradients (``create_graph=True``) are computed by differentiating the reference.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastlayers import _extension, backend
 
@@ -343,22 +345,54 @@ def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 
 
 def _lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh):
-    """One direction of one layer, time-major: (output, h_n, c_n)."""
+    """One direction of one layer, time-major: (output, cells), each [T, B, H]."""
     if backend.use_kernels(input.device):
         output, cells, _ = torch.ops.fastlayers.lstm_layer.default(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    else:
-        check_args("lstm_layer", 4, input, h0, c0, w_ih, w_hh, b_ih, b_hh, layer=True)
-        output, cells = lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    return output, output[-1], cells[-1]
+        return output, cells
+    check_args("lstm_layer", 4, input, h0, c0, w_ih, w_hh, b_ih, b_hh, layer=True)
+    return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
 
 
 def _rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    """One direction of one layer, time-major: output [T, B, H]."""
     if backend.use_kernels(input.device):
-        output = torch.ops.fastlayers.rnn_layer.default(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-    else:
-        check_args("rnn_layer", 1, input, h0, None, w_ih, w_hh, b_ih, b_hh, layer=True)
-        output = rnn_layer_reference(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-    return output, output[-1], None
+        return torch.ops.fastlayers.rnn_layer.default(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    check_args("rnn_layer", 1, input, h0, None, w_ih, w_hh, b_ih, b_hh, layer=True)
+    return rnn_layer_reference(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+
+def _layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    """(output, cells or None) of one layer op over time-major x."""
+    if mode == "lstm":
+        return _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity), None
+
+
+def _packed_through_layer(mode, data, batch_sizes, h0, c0, weights, reverse, nonlinearity):
+    """A packed sequence through the layer op: padded (sorted by length, as packed
+    batches are), each sequence reversed within its own length for the reverse
+    direction, so every sequence starts from its initial state at its first step.
+    Steps past a sequence's end compute values that are dropped when re-packing, and
+    its final state is taken at its last step; no gradient flows into the dropped
+    values, so forward and backward are exact (the padded steps cost time, not accuracy)."""
+    w_ih, w_hh, b_ih, b_hh, _ = weights
+    padded, lengths = pad_packed_sequence(PackedSequence(data, torch.tensor(batch_sizes, dtype=torch.int64)))
+    steps, batch = padded.shape[0], padded.shape[1]
+    step_index = torch.arange(steps).unsqueeze(1)
+    last = lengths.unsqueeze(0) - 1
+    order = None
+    if reverse:
+        # Step t of the reversed sequence b is its step L_b - 1 - t; padding stays in place.
+        order = torch.where(step_index <= last, last - step_index, step_index).to(data.device)
+        padded = padded.gather(0, order.unsqueeze(-1).expand(padded.shape))
+    output, cells = _layer(mode, padded, h0, c0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    final_step = (lengths - 1).to(data.device)
+    rows = torch.arange(batch, device=data.device)
+    h_n = output[final_step, rows]
+    c_n = cells[final_step, rows] if cells is not None else None
+    if reverse:
+        output = output.gather(0, order.unsqueeze(-1).expand(output.shape))
+    return pack_padded_sequence(output, lengths).data, h_n, c_n
 
 
 def _step_loop(step, data, batch_sizes, hidden, reverse):
@@ -397,8 +431,7 @@ def _step_loop(step, data, batch_sizes, hidden, reverse):
 
 
 def _lstm_step(w_ih, w_hh, b_ih, b_hh, w_hr):
-    if w_hr is None:
-        return lambda x, state: lstm_cell(x, state, w_ih, w_hh, b_ih, b_hh)
+    """One step of an LSTM with projection (proj_size > 0): the reference cell, then h W_hr^T."""
 
     def projected(x, state):
         h, c = lstm_cell_reference(x, state, w_ih, w_hh, b_ih, b_hh)
@@ -411,18 +444,15 @@ def _run_direction(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
     """One direction of one layer: (output, h_n, c_n); x is time-major [T, B, I] when
     batch_sizes is None, else packed data."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
-    if batch_sizes is None and w_hr is None:
+    if w_hr is None:
+        if batch_sizes is not None:
+            return _packed_through_layer(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
         xs = x.flip(0) if reverse else x
-        if mode == "lstm":
-            output, h_n, c_n = _lstm_layer(xs, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        else:
-            output, h_n, c_n = _rnn_layer(xs, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+        output, cells = _layer(mode, xs, h0, c0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+        h_n, c_n = output[-1], (cells[-1] if cells is not None else None)
         return (output.flip(0) if reverse else output), h_n, c_n
-    if mode == "lstm":
-        step, state = _lstm_step(w_ih, w_hh, b_ih, b_hh, w_hr), (h0, c0)
-    else:
-        cell = rnn_tanh_cell if nonlinearity == "tanh" else rnn_relu_cell
-        step, state = (lambda inp, s: (cell(inp, s[0], w_ih, w_hh, b_ih, b_hh),)), (h0,)
+    # The projection (proj_size > 0) is not in the kernels: the reference cell, step by step.
+    step, state = _lstm_step(w_ih, w_hh, b_ih, b_hh, w_hr), (h0, c0)
     if batch_sizes is None:
         steps, batch = x.shape[0], x.shape[1]
         data, sizes = x.reshape(steps * batch, x.shape[2]), [batch] * steps
@@ -431,7 +461,7 @@ def _run_direction(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
     out, final = _step_loop(step, data, sizes, state, reverse)
     if batch_sizes is None:
         out = out.view(x.shape[0], x.shape[1], -1)
-    return out, final[0], (final[1] if mode == "lstm" else None)
+    return out, final[0], final[1]
 
 
 def _stack(mode, input, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional,
