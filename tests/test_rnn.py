@@ -146,12 +146,16 @@ LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9)]
 
 
 @pytest.mark.parametrize("shape", LAYER_GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "rnn_tanh"])
 def test_float32_layer_ops_match_float64_oracle_on_every_cpu_isa(cpu_isa, kind, shape):
     steps, batch, input_size, hidden = shape
-    args64 = _op_args(kind, True, requires_grad=True, steps=steps, batch=batch, input_size=input_size, hidden=hidden)
+    if kind == "lstm_proj":
+        args64 = _projected_lstm_args(steps=steps, batch=batch, input_size=input_size, hidden=hidden, proj=hidden // 2)
+    else:
+        args64 = _op_args(kind, True, requires_grad=True, steps=steps, batch=batch, input_size=input_size, hidden=hidden)
     with torch.no_grad():  # a contractive recurrence: rounding differences must not grow chaotically over 40 steps
-        args64[4 if kind == "lstm" else 3].mul_(2 / hidden**0.5)
+        args64[3 if kind == "rnn_tanh" else 4].mul_(2 / hidden**0.5)
+    kind = "lstm" if kind == "lstm_proj" else kind
     args32 = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args64]
     results = []
     for args in (args32, args64):
@@ -446,6 +450,46 @@ def test_opcheck_backward_ops(kind, layer):
         backward_args = (torch.randn_like(out), x, h, w_ih, w_hh, out, False, kind[4:])
         op = getattr(torch.ops.fastlayers, name).default
     torch.library.opcheck(op, backward_args)
+
+
+def _projected_lstm_args(dtype=torch.float64, steps=4, batch=3, input_size=5, hidden=6, proj=3, bias=True):
+    x = torch.randn(steps, batch, input_size, dtype=dtype)
+    h, c = torch.randn(batch, proj, dtype=dtype), torch.randn(batch, hidden, dtype=dtype)
+    w_ih = torch.randn(4 * hidden, input_size, dtype=dtype) / 2
+    w_hh = torch.randn(4 * hidden, proj, dtype=dtype) / 2
+    b_ih = torch.randn(4 * hidden, dtype=dtype) if bias else None
+    b_hh = torch.randn(4 * hidden, dtype=dtype) if bias else None
+    w_hr = torch.randn(proj, hidden, dtype=dtype) / 2
+    return [t.requires_grad_() if t is not None else None for t in (x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_projected_lstm_layer_op_gradcheck_and_opcheck(bias):
+    args = _projected_lstm_args(bias=bias)
+    layer = torch.ops.fastlayers.lstm_layer.default
+    torch.autograd.gradcheck(lambda *a: layer(*a)[:2], tuple(args))
+    torch.autograd.gradgradcheck(lambda *a: layer(*a)[:2], tuple(args))
+    torch.library.opcheck(layer, tuple(a.detach().float().requires_grad_() if a is not None else None for a in args))
+
+
+def test_projected_lstm_layer_op_matches_reference_and_backward_op_passes_opcheck():
+    args = [a.detach() if a is not None else None for a in _projected_lstm_args()]
+    output, cells, gates = torch.ops.fastlayers.lstm_layer(*args)
+    ref_output, ref_cells = lstm_layer_reference(*args)
+    assert output.shape == (4, 3, 3) and cells.shape == (4, 3, 6)
+    assert_close_to_oracle(output, ref_output, torch.float64)
+    assert_close_to_oracle(cells, ref_cells, torch.float64)
+    x, h, c, w_ih, w_hh, _, _, w_hr = args
+    grads = (torch.randn_like(output), torch.randn_like(cells))
+    torch.library.opcheck(
+        torch.ops.fastlayers.lstm_layer_backward.default,
+        (*grads, x, h, c, w_ih, w_hh, output, cells, gates, True, w_hr),
+    )
+
+
+def test_projected_lstm_module_runs_the_layer_op():
+    module = fnn.LSTM(6, 5, proj_size=2)
+    assert "fastlayers_lstm_layer" in type(module(torch.randn(4, 3, 6))[0].grad_fn).__name__
 
 
 def test_layer_ops_match_their_references():

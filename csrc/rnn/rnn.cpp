@@ -63,30 +63,43 @@ void check_like_input(const char* op, const char* name, const at::Tensor& t, con
 // The checks of torch's RNN cells (same messages for the shape errors torch reports),
 // plus the weight and bias shapes. `input` is [batch, input_size] or, for the layers,
 // [seq_len, batch, input_size]; hidden0 / hidden1 are hx / cx as torch names them.
+// With a projection w_hr [P, H] (LSTM only), w_hh is [4H, P] and hx [B, P].
 void check_forward_args(const char* op, Cell cell, const at::Tensor& input, const at::Tensor& hx,
                         const at::Tensor* cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                        const at::Tensor* w_hr = nullptr) {
   kernel_dtype(input, op, "input");
   const int64_t gates = gate_count(cell);
   const int64_t batch = input.size(input.dim() - 2);
   const int64_t input_size = input.size(input.dim() - 1);
-  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op, ": w_hh must have shape [", gates,
-              " * hidden_size, hidden_size], got ", w_hh.sizes());
-  const int64_t hidden = w_hh.size(1);
+  int64_t hidden = 0, output_size = 0;
+  if (w_hr != nullptr) {
+    TORCH_CHECK(w_hr->dim() == 2, op, ": w_hr must be 2-D [proj_size, hidden_size], got ", w_hr->sizes());
+    hidden = w_hr->size(1);
+    output_size = w_hr->size(0);
+    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * hidden && w_hh.size(1) == output_size, op,
+                ": with w_hr of shape ", w_hr->sizes(), ", w_hh must have shape [", gates * hidden, ", ", output_size,
+                "], got ", w_hh.sizes());
+    check_like_input(op, "w_hr", *w_hr, input);
+  } else {
+    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op, ": w_hh must have shape [", gates,
+                " * hidden_size, hidden_size], got ", w_hh.sizes());
+    hidden = output_size = w_hh.size(1);
+  }
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == gates * hidden, op, ": w_ih must have shape [", gates * hidden,
               ", input_size] (", gates, " * hidden_size rows, as w_hh), got ", w_ih.sizes());
   TORCH_CHECK(input_size == w_ih.size(1), "input has inconsistent input_size: got ", input_size, " expected ",
               w_ih.size(1));
-  auto check_state = [&](const at::Tensor& state, const char* name) {
+  auto check_state = [&](const at::Tensor& state, const char* name, int64_t size) {
     TORCH_CHECK(state.dim() == 2, op, ": ", name, " must be 2-D [batch, hidden_size], got shape ", state.sizes());
     TORCH_CHECK(state.size(0) == batch, "Input batch size ", batch, " doesn't match ", name, " batch size ",
                 state.size(0));
-    TORCH_CHECK(state.size(1) == hidden, name, " has inconsistent hidden_size: got ", state.size(1), ", expected ",
-                hidden);
+    TORCH_CHECK(state.size(1) == size, name, " has inconsistent hidden_size: got ", state.size(1), ", expected ",
+                size);
     check_like_input(op, name, state, input);
   };
-  check_state(hx, "hidden0");
-  if (cx != nullptr) check_state(*cx, "hidden1");
+  check_state(hx, "hidden0", output_size);
+  if (cx != nullptr) check_state(*cx, "hidden1", hidden);
   check_like_input(op, "w_ih", w_ih, input);
   check_like_input(op, "w_hh", w_hh, input);
   for (const auto& [bias, name] : {std::pair{&b_ih, "b_ih"}, std::pair{&b_hh, "b_hh"}}) {
@@ -131,11 +144,15 @@ struct LayerForward {
 // Checked arguments in, the step loop: one GEMM projects the inputs of all timesteps
 // and adds the biases, then per step the recurrent GEMM accumulates into that step's
 // slice and the fused pointwise kernel finishes it.
+// With a projection (w_hr defined), the kernel's h goes to a [B, H] buffer and the step's
+// output is h W_hr^T [B, P].
 LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor& input, const at::Tensor& hx,
                            const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                           const at::Tensor& w_hr = at::Tensor()) {
   const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
-  const int64_t hidden = w_hh.size(1), gate_width = gate_count(cell) * hidden;
+  const int64_t gate_width = w_hh.size(0), hidden = gate_width / gate_count(cell);
+  const int64_t output_size = w_hr.defined() ? w_hr.size(0) : hidden;
   const at::Tensor x = input.contiguous();
   const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh.t());
   const at::Tensor x2d = x.view({steps * batch, input_size});
@@ -144,8 +161,10 @@ LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor&
                                     : at::empty({steps * batch, gate_width}, x.options());
   launch.matmul_out(gates, x2d, w_ih.t(), /*accumulate=*/bias.defined());
   gates = gates.view({steps, batch, gate_width});
-  at::Tensor output = at::empty({steps, batch, hidden}, x.options());
+  at::Tensor output = at::empty({steps, batch, output_size}, x.options());
   at::Tensor cells = is_lstm(cell) ? at::empty({steps, batch, hidden}, x.options()) : at::Tensor();
+  const std::unique_ptr<StepMatmul> projection = w_hr.defined() ? launch.make_step_matmul(w_hr.t()) : nullptr;
+  at::Tensor h_full = w_hr.defined() ? at::empty({batch, hidden}, x.options()) : at::Tensor();
 
   ForwardArgs args;
   args.cell = cell;
@@ -158,12 +177,13 @@ LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor&
     at::Tensor z = gates.select(0, t);
     recurrent->run(h_prev, z, /*accumulate=*/true);
     args.gates = z.mutable_data_ptr();
-    args.hy = output.select(0, t).mutable_data_ptr();
+    args.hy = projection ? h_full.mutable_data_ptr() : output.select(0, t).mutable_data_ptr();
     if (is_lstm(cell)) {
       args.cx = c_prev.const_data_ptr();
       args.cy = cells.select(0, t).mutable_data_ptr();
     }
     launch.forward(args);
+    if (projection) projection->run(h_full, output.select(0, t), /*accumulate=*/false);
     h_prev = output.select(0, t);
     if (is_lstm(cell)) c_prev = cells.select(0, t);
   }
@@ -171,20 +191,24 @@ LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor&
 }
 
 struct LayerBackward {
-  at::Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias;
+  at::Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
 };
 
 // The reverse step loop: per step the fused pointwise backward turns the gradients at
 // h' (and c') into d loss / d z, and one GEMM carries d z back to h; the input and
 // weight gradients are three large GEMMs over all timesteps after the loop.
 // `output` is only read for t < T - 1 (LSTM) or for the activation (RNN).
+// With a projection, the gradient at each step's output (P wide) is kept for the
+// weight gradient of w_hr and carried through W_hr to the kernel's h; the
+// unprojected h = o tanh(c') is recomputed from the saved gates and cells.
 LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tensor& grad_output,
                              const at::Tensor& grad_cells, const at::Tensor& input, const at::Tensor& hx,
                              const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                              const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates,
-                             bool has_bias) {
+                             bool has_bias, const at::Tensor& w_hr = at::Tensor()) {
   const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
-  const int64_t hidden = w_hh.size(1), gate_width = gate_count(cell) * hidden;
+  const int64_t gate_width = w_hh.size(0), hidden = gate_width / gate_count(cell);
+  const int64_t output_size = w_hr.defined() ? w_hr.size(0) : hidden;
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_output.contiguous();
   const at::Tensor dc_out = is_lstm(cell) ? grad_cells.contiguous() : at::Tensor();
@@ -195,9 +219,14 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
   const at::Tensor gate_values = is_lstm(cell) ? gates.contiguous() : at::Tensor();
 
   at::Tensor grad_gates = at::empty({steps, batch, gate_width}, x.options());
-  // d loss / d h and d c carried from step t to t - 1; zero beyond the last step.
-  at::Tensor grad_h = at::zeros({batch, hidden}, x.options());
+  // d loss / d output and d c carried from step t to t - 1; zero beyond the last step.
+  at::Tensor grad_h = at::zeros({batch, output_size}, x.options());
   at::Tensor grad_c = is_lstm(cell) ? at::zeros({batch, hidden}, x.options()) : at::Tensor();
+  // Projection: d loss / d output of every step, and the kernel's h gradient of one step.
+  at::Tensor grad_projected = w_hr.defined() ? at::empty({steps, batch, output_size}, x.options()) : at::Tensor();
+  at::Tensor grad_h_full = w_hr.defined() ? at::empty({batch, hidden}, x.options()) : at::Tensor();
+  const at::Tensor no_grad_h = w_hr.defined() ? at::zeros({batch, hidden}, x.options()) : at::Tensor();
+  const std::unique_ptr<StepMatmul> projection = w_hr.defined() ? launch.make_step_matmul(w_hr) : nullptr;
 
   const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh);
   BackwardArgs args;
@@ -206,8 +235,16 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
   args.batch = batch;
   args.hidden = hidden;
   for (int64_t t = steps - 1; t >= 0; --t) {
-    args.grad_hy = dy.select(0, t).const_data_ptr();
-    args.grad_hy_recurrent = grad_h.const_data_ptr();
+    if (projection) {
+      at::Tensor grad_step = grad_projected.select(0, t);
+      at::add_out(grad_step, dy.select(0, t), grad_h);
+      projection->run(grad_step, grad_h_full, /*accumulate=*/false);
+      args.grad_hy = grad_h_full.const_data_ptr();
+      args.grad_hy_recurrent = no_grad_h.const_data_ptr();
+    } else {
+      args.grad_hy = dy.select(0, t).const_data_ptr();
+      args.grad_hy_recurrent = grad_h.const_data_ptr();
+    }
     if (is_lstm(cell)) {
       args.grad_cy = dc_out.select(0, t).const_data_ptr();
       args.grad_cy_recurrent = grad_c.const_data_ptr();
@@ -232,25 +269,34 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
   result.grad_cx = grad_c;
   result.grad_w_ih = at::empty({gate_width, input_size}, x.options());
   launch.matmul_out(result.grad_w_ih, dz.t(), x.view({steps * batch, input_size}), false);
-  result.grad_w_hh = at::empty({gate_width, hidden}, x.options());
+  result.grad_w_hh = at::empty({gate_width, output_size}, x.options());
   launch.matmul_out(result.grad_w_hh, grad_gates.select(0, 0).t(), h0, false);
   if (steps > 1) {
     launch.matmul_out(result.grad_w_hh, grad_gates.slice(0, 1).reshape({(steps - 1) * batch, gate_width}).t(),
-                      out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, hidden}), true);
+                      out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, output_size}), true);
   }
   result.grad_bias = has_bias ? dz.sum(0) : at::empty({0}, x.options());
+  if (w_hr.defined()) {
+    const at::Tensor h_full = gate_values.narrow(2, 3 * hidden, hidden) * at::tanh(cell_states);
+    result.grad_w_hr = at::empty({output_size, hidden}, x.options());
+    launch.matmul_out(result.grad_w_hr, grad_projected.view({steps * batch, output_size}).t(),
+                      h_full.view({steps * batch, hidden}), false);
+  } else {
+    result.grad_w_hr = at::empty({0}, x.options());
+  }
   return result;
 }
 
 void check_lstm_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_cells,
                               const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
                               const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor* output,
-                              const at::Tensor& cells, const at::Tensor& gates) {
-  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, std::nullopt, std::nullopt);
-  const int64_t steps = input.size(0), batch = input.size(1), hidden = w_hh.size(1);
-  check_shape(op, "grad_output", grad_output, {steps, batch, hidden}, input);
+                              const at::Tensor& cells, const at::Tensor& gates, const at::Tensor* w_hr = nullptr) {
+  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const int64_t steps = input.size(0), batch = input.size(1), hidden = w_hh.size(0) / 4;
+  const int64_t output_size = w_hr != nullptr ? w_hr->size(0) : hidden;
+  check_shape(op, "grad_output", grad_output, {steps, batch, output_size}, input);
   check_shape(op, "grad_cells", grad_cells, {steps, batch, hidden}, input);
-  if (output != nullptr) check_shape(op, "output", *output, {steps, batch, hidden}, input);
+  if (output != nullptr) check_shape(op, "output", *output, {steps, batch, output_size}, input);
   check_shape(op, "cells", cells, {steps, batch, hidden}, input);
   check_shape(op, "gates", gates, {steps, batch, 4 * hidden}, input);
 }
@@ -269,24 +315,27 @@ void check_rnn_backward_args(const char* op, Cell cell, const at::Tensor& grad_o
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_impl(
     const Launchers& launch, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh) {
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr) {
   const char* op = "lstm_layer";
   check_layer_input(op, input);
-  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, b_ih, b_hh);
-  LayerForward f = layer_forward(launch, Cell::kLstm, input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, b_ih, b_hh, w_hr.has_value() ? &*w_hr : nullptr);
+  LayerForward f =
+      layer_forward(launch, Cell::kLstm, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr.value_or(at::Tensor()));
   return {f.output, f.cells, f.gates};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_impl(
-    const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
-    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_impl(const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells,
+                         const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                         const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
+                         const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr) {
   const char* op = "lstm_layer_backward";
   check_layer_input(op, input);
-  check_lstm_backward_args(op, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, &output, cells, gates);
+  check_lstm_backward_args(op, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, &output, cells, gates,
+                           w_hr.has_value() ? &*w_hr : nullptr);
   LayerBackward b = layer_backward(launch, Cell::kLstm, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output,
-                                   cells, gates, has_bias);
-  return {b.grad_input, b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
+                                   cells, gates, has_bias, w_hr.value_or(at::Tensor()));
+  return {b.grad_input, b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias, b.grad_w_hr};
 }
 
 at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,
@@ -528,20 +577,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_
   return rnn_cell_backward_impl(kCpuLaunchers, grad_hy, input, hx, w_ih, w_hh, hy, has_bias, nonlinearity);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(const at::Tensor& input, const at::Tensor& hx,
-                                                              const at::Tensor& cx, const at::Tensor& w_ih,
-                                                              const at::Tensor& w_hh,
-                                                              const std::optional<at::Tensor>& b_ih,
-                                                              const std::optional<at::Tensor>& b_hh) {
-  return lstm_layer_impl(kCpuLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr) {
+  return lstm_layer_impl(kCpuLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input, const at::Tensor& hx,
-    const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
-    const at::Tensor& cells, const at::Tensor& gates, bool has_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
+                        const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias,
+                        const std::optional<at::Tensor>& w_hr) {
   return lstm_layer_backward_impl(kCpuLaunchers, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells,
-                                  gates, has_bias);
+                                  gates, has_bias, w_hr);
 }
 
 at::Tensor rnn_layer_cpu(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,

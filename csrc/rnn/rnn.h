@@ -42,18 +42,21 @@ Cell parse_nonlinearity(std::string_view nonlinearity, const char* op);
 
 // One layer, one direction, time-major input [T, B, I]; hx, cx [B, H].
 // LSTM: (output [T, B, H], cells [T, B, H] = c after each step, gates [T, B, 4H] =
-// the activated gates i, f, g, o of each step); the backward needs all three.
+// the activated gates i, f, g, o of each step); the backward needs all three. With a
+// projection w_hr [P, H] (torch's proj_size), hx and output are P wide, w_hh [4H, P].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_impl(
     const Launchers& launch, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh);
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr);
 
-// (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias); grad_bias is the
-// gradient of b_ih and of b_hh alike, shape [0] when has_bias is false.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_impl(
-    const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
-    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias);
+// (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); grad_bias
+// is the gradient of b_ih and of b_hh alike, shape [0] when has_bias is false;
+// grad_w_hr has shape [0] without a projection.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_impl(const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells,
+                         const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                         const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
+                         const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr);
 
 // Elman RNN layer: output [T, B, H].
 at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,

@@ -57,22 +57,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_
   return rnn_cell_backward_impl(kCudaLaunchers, grad_hy, input, hx, w_ih, w_hh, hy, has_bias, nonlinearity);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_cuda(const at::Tensor& input, const at::Tensor& hx,
-                                                               const at::Tensor& cx, const at::Tensor& w_ih,
-                                                               const at::Tensor& w_hh,
-                                                               const std::optional<at::Tensor>& b_ih,
-                                                               const std::optional<at::Tensor>& b_hh) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_cuda(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return lstm_layer_impl(kCudaLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  return lstm_layer_impl(kCudaLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input, const at::Tensor& hx,
-    const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output,
-    const at::Tensor& cells, const at::Tensor& gates, bool has_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
+                         const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                         const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias,
+                         const std::optional<at::Tensor>& w_hr) {
   const c10::cuda::CUDAGuard guard(input.device());
   return lstm_layer_backward_impl(kCudaLaunchers, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells,
-                                  gates, has_bias);
+                                  gates, has_bias, w_hr);
 }
 
 at::Tensor rnn_layer_cuda(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,

@@ -11,9 +11,8 @@ The shape checks are torch's own, so they raise torch's errors.
 Dynamo refuses to trace ``isinstance(m, nn.LSTM)`` modules (it graph-breaks there),
 while these compile with ``fullgraph=True``.
 
-What runs where is documented in ``fastlayers.ops.rnn``: without projection the
-whole-layer op (packed input padded to its longest sequence); an LSTM with
-``proj_size`` the pure-PyTorch reference cell, step by step.
+Every layer and direction runs the whole-layer op (projection included; packed input
+padded to its longest sequence, see ``fastlayers.ops.rnn``).
 """
 
 from __future__ import annotations

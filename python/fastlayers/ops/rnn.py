@@ -19,12 +19,11 @@ and the Elman RNN ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, ``act`` = tanh or
   oracle), the functional API and the multi-layer / bidirectional / packed driver
   that ``fastlayers.nn.LSTM`` / ``RNN`` use.
 
-What runs where: layers without projection run the layer op, ``PackedSequence`` input
-padded to its longest sequence (each sequence reversed within its own length for the
-reverse direction; the padded steps cost time, the results are exact); an LSTM with
-``proj_size`` runs the pure-PyTorch reference cell step by step over the (shrinking)
-batch, as torch does (the kernels do not implement the projection). Higher-order
-gradients (``create_graph=True``) are computed by differentiating the reference.
+What runs where: every layer runs the layer op, the LSTM's projection (``proj_size``)
+included; ``PackedSequence`` input is padded to its longest sequence (each sequence
+reversed within its own length for the reverse direction; the padded steps cost time,
+the results are exact). Higher-order gradients (``create_graph=True``) are computed by
+differentiating the reference.
 """
 
 from __future__ import annotations
@@ -49,8 +48,9 @@ def _check_like_input(op, name, t, input):
         raise TypeError(f"{op}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
 
 
-def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool) -> None:
-    """Checks of a cell (input [B, I]) or layer (input [T, B, I]) op; `gates` = 4 (LSTM) or 1."""
+def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool, w_hr=None) -> None:
+    """Checks of a cell (input [B, I]) or layer (input [T, B, I]) op; `gates` = 4 (LSTM) or 1;
+    `w_hr` [P, H] the LSTM projection, with which w_hh is [4H, P] and hx [B, P]."""
     if layer:
         if input.dim() != 3:
             raise RuntimeError(f"{op}: input must be 3-D [seq_len, batch, input_size], got shape {list(input.shape)}")
@@ -61,9 +61,22 @@ def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool)
     if input.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{op}: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
     batch, input_size = input.shape[-2], input.shape[-1]
-    if w_hh.dim() != 2 or w_hh.shape[0] != gates * w_hh.shape[1]:
-        raise RuntimeError(f"{op}: w_hh must have shape [{gates} * hidden_size, hidden_size], got {list(w_hh.shape)}")
-    hidden = w_hh.shape[1]
+    if w_hr is not None:
+        if w_hr.dim() != 2:
+            raise RuntimeError(f"{op}: w_hr must be 2-D [proj_size, hidden_size], got {list(w_hr.shape)}")
+        hidden, output_size = w_hr.shape[1], w_hr.shape[0]
+        if w_hh.dim() != 2 or w_hh.shape[0] != gates * hidden or w_hh.shape[1] != output_size:
+            raise RuntimeError(
+                f"{op}: with w_hr of shape {list(w_hr.shape)}, w_hh must have shape "
+                f"[{gates * hidden}, {output_size}], got {list(w_hh.shape)}"
+            )
+        _check_like_input(op, "w_hr", w_hr, input)
+    else:
+        if w_hh.dim() != 2 or w_hh.shape[0] != gates * w_hh.shape[1]:
+            raise RuntimeError(
+                f"{op}: w_hh must have shape [{gates} * hidden_size, hidden_size], got {list(w_hh.shape)}"
+            )
+        hidden = output_size = w_hh.shape[1]
     if w_ih.dim() != 2 or w_ih.shape[0] != gates * hidden:
         raise RuntimeError(
             f"{op}: w_ih must have shape [{gates * hidden}, input_size] ({gates} * hidden_size rows, as w_hh), "
@@ -71,15 +84,15 @@ def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool)
         )
     if input_size != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input_size} expected {w_ih.shape[1]}")
-    for state, name in ((hx, "hidden0"), (cx, "hidden1")):
+    for state, name, size in ((hx, "hidden0", output_size), (cx, "hidden1", hidden)):
         if state is None:
             continue
         if state.dim() != 2:
             raise RuntimeError(f"{op}: {name} must be 2-D [batch, hidden_size], got shape {list(state.shape)}")
         if state.shape[0] != batch:
             raise RuntimeError(f"Input batch size {batch} doesn't match {name} batch size {state.shape[0]}")
-        if state.shape[1] != hidden:
-            raise RuntimeError(f"{name} has inconsistent hidden_size: got {state.shape[1]}, expected {hidden}")
+        if state.shape[1] != size:
+            raise RuntimeError(f"{name} has inconsistent hidden_size: got {state.shape[1]}, expected {size}")
         _check_like_input(op, name, state, input)
     _check_like_input(op, "w_ih", w_ih, input)
     _check_like_input(op, "w_hh", w_hh, input)
@@ -115,12 +128,15 @@ def rnn_cell_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity
     return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
 
 
-def lstm_layer_reference(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None):
-    """One LSTM layer over time-major input [T, B, I]: (output [T, B, H], cells [T, B, H])."""
+def lstm_layer_reference(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
+    """One LSTM layer over time-major input [T, B, I]: (output [T, B, H or P], cells [T, B, H]);
+    with the projection w_hr [P, H] each step's output is h W_hr^T."""
     h, c = hx, cx
     outputs, cells = [], []
     for x in input.unbind(0):
         h, c = lstm_cell_reference(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        if w_hr is not None:
+            h = F.linear(h, w_hr)
         outputs.append(h)
         cells.append(c)
     return torch.stack(outputs), torch.stack(cells)
@@ -197,18 +213,20 @@ if _extension.available():
         )
 
     @torch.library.register_fake("fastlayers::lstm_layer")
-    def _lstm_layer_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
-        check_args("lstm_layer", 4, input, hx, cx, w_ih, w_hh, b_ih, b_hh, layer=True)
-        steps, batch, hidden = input.shape[0], input.shape[1], w_hh.shape[1]
+    def _lstm_layer_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr=None):
+        check_args("lstm_layer", 4, input, hx, cx, w_ih, w_hh, b_ih, b_hh, layer=True, w_hr=w_hr)
+        steps, batch, hidden = input.shape[0], input.shape[1], w_hh.shape[0] // 4
         return (
-            input.new_empty(steps, batch, hidden),
+            input.new_empty(steps, batch, hx.shape[1]),
             input.new_empty(steps, batch, hidden),
             input.new_empty(steps, batch, 4 * hidden),
         )
 
     @torch.library.register_fake("fastlayers::lstm_layer_backward")
-    def _lstm_layer_backward_fake(grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, has_bias):
-        check_args("lstm_layer_backward", 4, input, hx, cx, w_ih, w_hh, None, None, layer=True)
+    def _lstm_layer_backward_fake(
+        grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, has_bias, w_hr=None
+    ):
+        check_args("lstm_layer_backward", 4, input, hx, cx, w_ih, w_hh, None, None, layer=True, w_hr=w_hr)
         return (
             torch.empty_like(input, memory_format=torch.contiguous_format),
             hx.new_empty(hx.shape),
@@ -216,6 +234,7 @@ if _extension.available():
             w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape),
             input.new_empty(w_ih.shape[0] if has_bias else 0),
+            input.new_empty(w_hr.shape if w_hr is not None else (0,)),
         )
 
     @torch.library.register_fake("fastlayers::rnn_layer")
@@ -242,14 +261,15 @@ if _extension.available():
 
     # LSTM (cell and layer): the activated gates are an implementation output, not differentiable.
     def _lstm_setup_context(ctx, inputs, output):
-        input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs[:7]
+        w_hr = inputs[7] if len(inputs) > 7 else None  # the layer's projection
         hy_or_output, cy_or_cells, gates = output
         ctx.mark_non_differentiable(gates)
         ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
-        ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy_or_output, cy_or_cells, gates)
+        ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy_or_output, cy_or_cells, gates, w_hr)
 
     def _lstm_cell_backward(ctx, grad_hy, grad_cy, _grad_gates):
-        input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy, cy, gates = ctx.saved_tensors
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy, cy, gates, _ = ctx.saved_tensors
         grad_hy, grad_cy = _zeros_if_none(grad_hy, hy), _zeros_if_none(grad_cy, cy)
         if torch.is_grad_enabled():
             return _grads_through_reference(
@@ -263,16 +283,25 @@ if _extension.available():
         return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias))
 
     def _lstm_layer_backward(ctx, grad_output, grad_cells, _grad_gates):
-        input, hx, cx, w_ih, w_hh, b_ih, b_hh, output, cells, gates = ctx.saved_tensors
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, output, cells, gates, w_hr = ctx.saved_tensors
         grad_output, grad_cells = _zeros_if_none(grad_output, output), _zeros_if_none(grad_cells, cells)
         if torch.is_grad_enabled():
             return _grads_through_reference(
-                lstm_layer_reference, (input, hx, cx, w_ih, w_hh, b_ih, b_hh), (grad_output, grad_cells)
+                lstm_layer_reference, (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_output, grad_cells)
             )
-        grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = torch.ops.fastlayers.lstm_layer_backward.default(
-            grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, ctx.has_b_ih or ctx.has_b_hh
+        grads = torch.ops.fastlayers.lstm_layer_backward.default(
+            grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, ctx.has_b_ih or ctx.has_b_hh, w_hr
         )
-        return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias))
+        grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
+        return (
+            grad_input,
+            grad_hx,
+            grad_cx,
+            grad_w_ih,
+            grad_w_hh,
+            *_bias_grads(ctx, grad_bias),
+            grad_w_hr if w_hr is not None else None,
+        )
 
     def _rnn_setup_context(ctx, inputs, output):
         input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity = inputs
@@ -344,13 +373,13 @@ def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 # ---- functional API: layers -------------------------------------------------------------
 
 
-def _lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh):
-    """One direction of one layer, time-major: (output, cells), each [T, B, H]."""
+def _lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """One direction of one layer, time-major: (output [T, B, H or P], cells [T, B, H])."""
     if backend.use_kernels(input.device):
-        output, cells, _ = torch.ops.fastlayers.lstm_layer.default(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        output, cells, _ = torch.ops.fastlayers.lstm_layer.default(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
         return output, cells
-    check_args("lstm_layer", 4, input, h0, c0, w_ih, w_hh, b_ih, b_hh, layer=True)
-    return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    check_args("lstm_layer", 4, input, h0, c0, w_ih, w_hh, b_ih, b_hh, layer=True, w_hr=w_hr)
+    return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
 
 
 def _rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity):
@@ -361,10 +390,11 @@ def _rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity):
     return rnn_layer_reference(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
 
 
-def _layer(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+def _layer(mode, x, h0, c0, weights, nonlinearity):
     """(output, cells or None) of one layer op over time-major x."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
     if mode == "lstm":
-        return _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     return _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity), None
 
 
@@ -375,7 +405,6 @@ def _packed_through_layer(mode, data, batch_sizes, h0, c0, weights, reverse, non
     Steps past a sequence's end compute values that are dropped when re-packing, and
     its final state is taken at its last step; no gradient flows into the dropped
     values, so forward and backward are exact (the padded steps cost time, not accuracy)."""
-    w_ih, w_hh, b_ih, b_hh, _ = weights
     padded, lengths = pad_packed_sequence(PackedSequence(data, torch.tensor(batch_sizes, dtype=torch.int64)))
     steps, batch = padded.shape[0], padded.shape[1]
     step_index = torch.arange(steps).unsqueeze(1)
@@ -385,7 +414,7 @@ def _packed_through_layer(mode, data, batch_sizes, h0, c0, weights, reverse, non
         # Step t of the reversed sequence b is its step L_b - 1 - t; padding stays in place.
         order = torch.where(step_index <= last, last - step_index, step_index).to(data.device)
         padded = padded.gather(0, order.unsqueeze(-1).expand(padded.shape))
-    output, cells = _layer(mode, padded, h0, c0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    output, cells = _layer(mode, padded, h0, c0, weights, nonlinearity)
     final_step = (lengths - 1).to(data.device)
     rows = torch.arange(batch, device=data.device)
     h_n = output[final_step, rows]
@@ -395,73 +424,15 @@ def _packed_through_layer(mode, data, batch_sizes, h0, c0, weights, reverse, non
     return pack_padded_sequence(output, lengths).data, h_n, c_n
 
 
-def _step_loop(step, data, batch_sizes, hidden, reverse):
-    """Runs `step(x_t, hidden) -> hidden` over packed `data` ([sum(batch_sizes), I], time
-    steps of non-increasing batch); hidden[0] of each step is the output. Sequences that
-    end early keep their last state, as torch's packed RNNs do. Returns (output data,
-    final hidden)."""
-    offsets = [0]
-    for size in batch_sizes:
-        offsets.append(offsets[-1] + size)
-    outputs = []
-    if not reverse:
-        finished = []  # states of sequences that ended, the longest-running last
-        state = hidden
-        for t, size in enumerate(batch_sizes):
-            active = state[0].shape[0]
-            if size < active:
-                finished.append(tuple(s[size:] for s in state))
-                state = tuple(s[:size] for s in state)
-            state = step(data[offsets[t] : offsets[t + 1]], state)
-            outputs.append(state[0])
-        finished.append(state)
-        final = tuple(torch.cat(parts[::-1], 0) for parts in zip(*finished))
-    else:
-        # Backwards in time the batch only grows: new sequences start from their initial state.
-        state = tuple(s[: batch_sizes[-1]] for s in hidden)
-        for t in reversed(range(len(batch_sizes))):
-            size, active = batch_sizes[t], state[0].shape[0]
-            if size > active:
-                state = tuple(torch.cat((s, s0[active:size]), 0) for s, s0 in zip(state, hidden))
-            state = step(data[offsets[t] : offsets[t + 1]], state)
-            outputs.append(state[0])
-        outputs.reverse()
-        final = state
-    return torch.cat(outputs, 0), final
-
-
-def _lstm_step(w_ih, w_hh, b_ih, b_hh, w_hr):
-    """One step of an LSTM with projection (proj_size > 0): the reference cell, then h W_hr^T."""
-
-    def projected(x, state):
-        h, c = lstm_cell_reference(x, state, w_ih, w_hh, b_ih, b_hh)
-        return F.linear(h, w_hr), c
-
-    return projected
-
-
 def _run_direction(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity):
     """One direction of one layer: (output, h_n, c_n); x is time-major [T, B, I] when
     batch_sizes is None, else packed data."""
-    w_ih, w_hh, b_ih, b_hh, w_hr = weights
-    if w_hr is None:
-        if batch_sizes is not None:
-            return _packed_through_layer(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
-        xs = x.flip(0) if reverse else x
-        output, cells = _layer(mode, xs, h0, c0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-        h_n, c_n = output[-1], (cells[-1] if cells is not None else None)
-        return (output.flip(0) if reverse else output), h_n, c_n
-    # The projection (proj_size > 0) is not in the kernels: the reference cell, step by step.
-    step, state = _lstm_step(w_ih, w_hh, b_ih, b_hh, w_hr), (h0, c0)
-    if batch_sizes is None:
-        steps, batch = x.shape[0], x.shape[1]
-        data, sizes = x.reshape(steps * batch, x.shape[2]), [batch] * steps
-    else:
-        data, sizes = x, batch_sizes
-    out, final = _step_loop(step, data, sizes, state, reverse)
-    if batch_sizes is None:
-        out = out.view(x.shape[0], x.shape[1], -1)
-    return out, final[0], final[1]
+    if batch_sizes is not None:
+        return _packed_through_layer(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
+    xs = x.flip(0) if reverse else x
+    output, cells = _layer(mode, xs, h0, c0, weights, nonlinearity)
+    h_n, c_n = output[-1], (cells[-1] if cells is not None else None)
+    return (output.flip(0) if reverse else output), h_n, c_n
 
 
 def _stack(mode, input, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional,
