@@ -2,10 +2,12 @@
 
 Train step = forward + backward of ``output.sum()`` (input and parameter gradients);
 inference = forward under ``torch.no_grad()``. Sizes: the seed's model (B=100, T=20,
-I=10, H=50, 2 layers) and B=32, T=64, I=128, H=256, 1 layer. GFLOP/s counts the GEMM
-work only, 2 * T * B * G * H * (I_layer + H) per layer forward (G = 4 gates for the
-LSTM, 1 for the RNN) and three times that for a train step; GB/s the input, output and
-weights read or written once.
+I=10, H=50, 2 layers) and B=32, T=64, I=128, H=256, 1 layer; at the seed size also two
+train steps where torch leaves oneDNN: an LSTM with proj_size=25 and a PackedSequence
+of uneven lengths (20 down to 1). GFLOP/s counts the GEMM work only,
+2 * T * B * G * H * (I_layer + H) per layer forward (G = 4 gates for the LSTM, 1 for the
+RNN; nominal, ignoring projection and padding) and three times that for a train step;
+GB/s the input, output and weights read or written once.
 
     python benchmarks/bench_lstm.py [--quick] [--threads N] [--device cpu|cuda|all]
 """
@@ -83,6 +85,42 @@ def make_cases(device: str) -> list[Case]:
                     {**params, "mode": "inference"},
                 )
             )
+    cases.extend(_off_onednn_cases(device))
+    return cases
+
+
+def _off_onednn_cases(device: str) -> list[Case]:
+    """Seed-size LSTM train steps with a projection and with packed uneven lengths."""
+    batch, steps, input_size, hidden, layers = SIZES[0]
+    flops = 3 * gemm_flops("lstm", batch, steps, input_size, hidden, layers)
+    cases = []
+    native = torch.nn.LSTM(input_size, hidden, num_layers=layers, proj_size=hidden // 2, device=device)
+    ours = fnn.LSTM.from_torch(native)
+    x = torch.randn(steps, batch, input_size, device=device, requires_grad=True)
+
+    def train(module, x=x):
+        output, _ = module(x)
+        output.sum().backward()
+
+    tag = f"lstm proj_size={hidden // 2} B={batch} T={steps} I={input_size} H={hidden} L={layers} {device}"
+    params = {"kind": "lstm", "proj_size": hidden // 2, "batch": batch, "steps": steps, "mode": "train"}
+    cases.append(Case(f"train {tag}", lambda: train(native), lambda: train(ours), flops, 0.0, device, params))
+
+    native = torch.nn.LSTM(input_size, hidden, num_layers=layers, device=device)
+    ours = fnn.LSTM.from_torch(native)
+    lengths = torch.linspace(steps, 1, batch).round().long()
+    padded = torch.randn(steps, batch, input_size, device=device, requires_grad=True)
+
+    def train_packed(module):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(padded, lengths)
+        output, _ = module(packed)
+        output.data.sum().backward()
+
+    tag = f"lstm packed lengths {steps}..1 B={batch} I={input_size} H={hidden} L={layers} {device}"
+    params = {"kind": "lstm", "packed": True, "batch": batch, "steps": steps, "mode": "train"}
+    cases.append(
+        Case(f"train {tag}", lambda: train_packed(native), lambda: train_packed(ours), flops, 0.0, device, params)
+    )
     return cases
 
 
