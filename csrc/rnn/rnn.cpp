@@ -1,11 +1,11 @@
-// fastlayers LSTM and Elman RNN ops: checks, the step loops (GEMMs through ATen, fused
-// pointwise kernels through the device's launchers) and the CPU registrations.
+// fastlayers LSTM and Elman RNN ops: checks, the step loops (GEMMs and fused pointwise
+// kernels through the device's launchers) and the CPU registrations.
 //
-// Why ATen's GEMMs: on the CPU at::mm / addmm_ reach MKL (or oneDNN) sgemm with
-// transposed weight views and no copies; the per-step recurrent GEMM (B x H times
-// H x 4H) is small, and the big GEMMs (the input projection of all timesteps in the
-// forward, the input and weight gradients after the backward loop) are where the
-// library's blocking pays. Everything between two GEMMs is one fused pointwise pass.
+// GEMMs: per layer one input projection of all timesteps (biases included), per step
+// one recurrent GEMM (and the projection's), after the backward loop the input and
+// weight gradients over all timesteps; everything between two GEMMs is one fused
+// pointwise pass. On the CPU, float32 GEMMs run the packed micro-kernel of
+// rnn_cpu_kernel.cpp (why: see there), other dtypes ATen's; CUDA uses cuBLAS via ATen.
 #include "rnn/rnn.h"
 
 #include <ATen/ATen.h>

@@ -1,7 +1,7 @@
 // The recurrent ops (LSTM and Elman RNN; single cells and whole layers) written once
-// for every device: argument checks, the GEMMs through ATen (at::mm / addmm_: MKL or
-// oneDNN on the CPU, cuBLAS on CUDA) and the fused pointwise kernels, which each
-// device passes in as launchers (rnn.cpp for the CPU, rnn_cuda.cpp for CUDA).
+// for every device: argument checks and the step loops; the GEMMs and the fused
+// pointwise kernels come from each device's launchers (rnn.cpp for the CPU: an own
+// float32 micro-kernel, else ATen; rnn_cuda.cpp for CUDA: cuBLAS through ATen).
 #pragma once
 
 #include <memory>
