@@ -492,6 +492,27 @@ def test_projected_lstm_module_runs_the_layer_op():
     assert "fastlayers_lstm_layer" in type(module(torch.randn(4, 3, 6))[0].grad_fn).__name__
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_op_accepts_transposed_weights_and_strided_biases(dtype):
+    steps, batch, input_size, hidden = 5, 3, 4, 6
+    args = [
+        torch.randn(steps, batch, input_size, dtype=dtype),
+        torch.randn(batch, hidden, dtype=dtype),
+        torch.randn(batch, hidden, dtype=dtype),
+        torch.randn(input_size, 4 * hidden, dtype=dtype).t(),
+        torch.randn(hidden, 4 * hidden, dtype=dtype).t(),
+        torch.randn(8 * hidden, dtype=dtype)[::2],
+        torch.randn(4 * hidden, dtype=dtype),
+    ]
+    ours = [a.detach().requires_grad_() for a in args]
+    theirs = [a.detach().requires_grad_() for a in args]
+    output, cells, _ = torch.ops.fastlayers.lstm_layer(*ours)
+    ref_output, ref_cells = lstm_layer_reference(*theirs)
+    grads = torch.autograd.grad(output.sum() + cells.sum(), ours)
+    ref_grads = torch.autograd.grad(ref_output.sum() + ref_cells.sum(), theirs)
+    _assert_same((output, cells, grads), (ref_output, ref_cells, ref_grads), dtype)
+
+
 def test_layer_ops_match_their_references():
     for kind in ("lstm", "rnn_tanh", "rnn_relu"):
         args = _op_args(kind, True, requires_grad=False, steps=5, batch=3)
