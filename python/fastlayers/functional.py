@@ -5,6 +5,7 @@ device when available, and its pure-PyTorch reference otherwise."""
 from fastlayers.ops.attention import scaled_dot_product_attention
 from fastlayers.ops.bias_act import bias_act
 from fastlayers.ops.conv2d import conv1d, conv2d, conv2d_relu, conv2d_relu_max_pool2d
+from fastlayers.ops.rnn import lstm, lstm_cell, rnn, rnn_relu_cell, rnn_tanh_cell
 
 __all__ = [
     "bias_act",
@@ -12,5 +13,10 @@ __all__ = [
     "conv2d",
     "conv2d_relu",
     "conv2d_relu_max_pool2d",
+    "lstm",
+    "lstm_cell",
+    "rnn",
+    "rnn_relu_cell",
+    "rnn_tanh_cell",
     "scaled_dot_product_attention",
 ]

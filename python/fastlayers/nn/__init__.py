@@ -1,5 +1,6 @@
-"""Drop-in modules, mirroring ``torch.nn``."""
+"""Drop-in replacements for ``torch.nn`` layers, each with ``from_torch(module)``."""
 
 from fastlayers.nn.conv import Conv1d, Conv2d, Conv2dReLU, Conv2dReLUMaxPool2d
+from fastlayers.nn.rnn import LSTM, RNN, LSTMCell, RNNCell
 
-__all__ = ["Conv1d", "Conv2d", "Conv2dReLU", "Conv2dReLUMaxPool2d"]
+__all__ = ["Conv1d", "Conv2d", "Conv2dReLU", "Conv2dReLUMaxPool2d", "LSTM", "LSTMCell", "RNN", "RNNCell"]

@@ -1,0 +1,621 @@
+// fastlayers LSTM and Elman RNN ops: checks, the step loops (GEMMs and fused pointwise
+// kernels through the device's launchers) and the CPU registrations.
+//
+// GEMMs: per layer one input projection of all timesteps (biases included), per step
+// one recurrent GEMM (and the projection's), after the backward loop the input and
+// weight gradients over all timesteps; everything between two GEMMs is one fused
+// pointwise pass. On the CPU, float32 GEMMs run the packed micro-kernel of
+// rnn_cpu_kernel.cpp (why: see there), other dtypes ATen's; CUDA uses cuBLAS via ATen.
+#include "rnn/rnn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/torch_utils.h"
+
+namespace fastlayers::rnn {
+
+Cell parse_nonlinearity(std::string_view nonlinearity, const char* op) {
+  if (nonlinearity == "tanh") return Cell::kRnnTanh;
+  if (nonlinearity == "relu") return Cell::kRnnRelu;
+  TORCH_CHECK_VALUE(false, op, ": unknown nonlinearity '", std::string(nonlinearity),
+                    "'; expected 'tanh' or 'relu'");
+  return Cell::kRnnTanh;
+}
+
+namespace {
+
+class AtenStepMatmul final : public StepMatmul {
+ public:
+  explicit AtenStepMatmul(at::Tensor b) : b_(std::move(b)) {}
+  void run(const at::Tensor& a, at::Tensor c, bool accumulate) override {
+    aten_matmul_out(c, a, b_, accumulate);
+  }
+
+ private:
+  at::Tensor b_;
+};
+
+}  // namespace
+
+std::unique_ptr<StepMatmul> make_aten_step_matmul(const at::Tensor& b) { return std::make_unique<AtenStepMatmul>(b); }
+
+void aten_matmul_out(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (accumulate) {
+    c.addmm_(a, b);
+  } else {
+    at::mm_out(c, a, b);
+  }
+}
+
+namespace {
+
+bool is_lstm(Cell cell) { return cell == Cell::kLstm; }
+
+void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              input.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+                   " does not match input dtype ", input.scalar_type());
+}
+
+// The checks of torch's RNN cells (same messages for the shape errors torch reports),
+// plus the weight and bias shapes. `input` is [batch, input_size] or, for the layers,
+// [seq_len, batch, input_size]; hidden0 / hidden1 are hx / cx as torch names them.
+// With a projection w_hr [P, H] (LSTM only), w_hh is [4H, P] and hx [B, P].
+void check_forward_args(const char* op, Cell cell, const at::Tensor& input, const at::Tensor& hx,
+                        const at::Tensor* cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                        const at::Tensor* w_hr = nullptr) {
+  kernel_dtype(input, op, "input");
+  const int64_t gates = gate_count(cell);
+  const int64_t batch = input.size(input.dim() - 2);
+  const int64_t input_size = input.size(input.dim() - 1);
+  int64_t hidden = 0, output_size = 0;
+  if (w_hr != nullptr) {
+    TORCH_CHECK(w_hr->dim() == 2, op, ": w_hr must be 2-D [proj_size, hidden_size], got ", w_hr->sizes());
+    hidden = w_hr->size(1);
+    output_size = w_hr->size(0);
+    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * hidden && w_hh.size(1) == output_size, op,
+                ": with w_hr of shape ", w_hr->sizes(), ", w_hh must have shape [", gates * hidden, ", ", output_size,
+                "], got ", w_hh.sizes());
+    check_like_input(op, "w_hr", *w_hr, input);
+  } else {
+    TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), op, ": w_hh must have shape [", gates,
+                " * hidden_size, hidden_size], got ", w_hh.sizes());
+    hidden = output_size = w_hh.size(1);
+  }
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == gates * hidden, op, ": w_ih must have shape [", gates * hidden,
+              ", input_size] (", gates, " * hidden_size rows, as w_hh), got ", w_ih.sizes());
+  TORCH_CHECK(input_size == w_ih.size(1), "input has inconsistent input_size: got ", input_size, " expected ",
+              w_ih.size(1));
+  auto check_state = [&](const at::Tensor& state, const char* name, int64_t size) {
+    TORCH_CHECK(state.dim() == 2, op, ": ", name, " must be 2-D [batch, hidden_size], got shape ", state.sizes());
+    TORCH_CHECK(state.size(0) == batch, "Input batch size ", batch, " doesn't match ", name, " batch size ",
+                state.size(0));
+    TORCH_CHECK(state.size(1) == size, name, " has inconsistent hidden_size: got ", state.size(1), ", expected ",
+                size);
+    check_like_input(op, name, state, input);
+  };
+  check_state(hx, "hidden0", output_size);
+  if (cx != nullptr) check_state(*cx, "hidden1", hidden);
+  check_like_input(op, "w_ih", w_ih, input);
+  check_like_input(op, "w_hh", w_hh, input);
+  for (const auto& [bias, name] : {std::pair{&b_ih, "b_ih"}, std::pair{&b_hh, "b_hh"}}) {
+    if (!bias->has_value()) continue;
+    const at::Tensor& b = **bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == gates * hidden, op, ": ", name, " must have shape [", gates * hidden,
+                "], got ", b.sizes());
+    check_like_input(op, name, b, input);
+  }
+}
+
+void check_layer_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D [seq_len, batch, input_size], got shape ", input.sizes());
+  TORCH_CHECK(input.size(0) >= 1, op, ": input must have at least one time step, got shape ", input.sizes());
+}
+
+void check_cell_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D [batch, input_size], got shape ", input.sizes());
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
+                 const at::Tensor& like) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+  check_like_input(op, name, t, like);
+}
+
+// b_ih + b_hh, b_ih or b_hh (undefined when there is none): added by the input
+// projection GEMM once for all timesteps, so the per-step kernels carry no bias.
+at::Tensor combined_bias(const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh) {
+  if (b_ih.has_value() && b_hh.has_value()) return at::add(*b_ih, *b_hh);
+  if (b_ih.has_value()) return *b_ih;
+  if (b_hh.has_value()) return *b_hh;
+  return at::Tensor();
+}
+
+struct LayerForward {
+  at::Tensor output;  // [T, B, H]
+  at::Tensor cells;   // LSTM: [T, B, H]
+  at::Tensor gates;   // LSTM: [T, B, 4H] activated gates
+};
+
+// Checked arguments in, the step loop: one GEMM projects the inputs of all timesteps
+// and adds the biases, then per step the recurrent GEMM accumulates into that step's
+// slice and the fused pointwise kernel finishes it.
+// With a projection (w_hr defined), the kernel's h goes to a [B, H] buffer and the step's
+// output is h W_hr^T [B, P].
+LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor& input, const at::Tensor& hx,
+                           const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                           const at::Tensor& w_hr = at::Tensor()) {
+  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
+  const int64_t gate_width = w_hh.size(0), hidden = gate_width / gate_count(cell);
+  const int64_t output_size = w_hr.defined() ? w_hr.size(0) : hidden;
+  const at::Tensor x = input.contiguous();
+  const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh.t());
+  const at::Tensor x2d = x.view({steps * batch, input_size});
+  const at::Tensor bias = combined_bias(b_ih, b_hh);
+  at::Tensor gates = bias.defined() ? bias.expand({steps * batch, gate_width}).contiguous()
+                                    : at::empty({steps * batch, gate_width}, x.options());
+  launch.matmul_out(gates, x2d, w_ih.t(), /*accumulate=*/bias.defined());
+  gates = gates.view({steps, batch, gate_width});
+  at::Tensor output = at::empty({steps, batch, output_size}, x.options());
+  at::Tensor cells = is_lstm(cell) ? at::empty({steps, batch, hidden}, x.options()) : at::Tensor();
+  const std::unique_ptr<StepMatmul> projection = w_hr.defined() ? launch.make_step_matmul(w_hr.t()) : nullptr;
+  at::Tensor h_full = w_hr.defined() ? at::empty({batch, hidden}, x.options()) : at::Tensor();
+
+  ForwardArgs args;
+  args.cell = cell;
+  args.dtype = kernel_dtype(x, "rnn", "input");
+  args.batch = batch;
+  args.hidden = hidden;
+  at::Tensor h_prev = hx.contiguous();
+  at::Tensor c_prev = is_lstm(cell) ? cx.contiguous() : at::Tensor();
+  for (int64_t t = 0; t < steps; ++t) {
+    at::Tensor z = gates.select(0, t);
+    recurrent->run(h_prev, z, /*accumulate=*/true);
+    args.gates = z.mutable_data_ptr();
+    args.hy = projection ? h_full.mutable_data_ptr() : output.select(0, t).mutable_data_ptr();
+    if (is_lstm(cell)) {
+      args.cx = c_prev.const_data_ptr();
+      args.cy = cells.select(0, t).mutable_data_ptr();
+    }
+    launch.forward(args);
+    if (projection) projection->run(h_full, output.select(0, t), /*accumulate=*/false);
+    h_prev = output.select(0, t);
+    if (is_lstm(cell)) c_prev = cells.select(0, t);
+  }
+  return {output, cells, is_lstm(cell) ? gates : at::Tensor()};
+}
+
+struct LayerBackward {
+  at::Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
+};
+
+// The reverse step loop: per step the fused pointwise backward turns the gradients at
+// h' (and c') into d loss / d z, and one GEMM carries d z back to h; the input and
+// weight gradients are three large GEMMs over all timesteps after the loop.
+// `output` is only read for t < T - 1 (LSTM) or for the activation (RNN).
+// With a projection, the gradient at each step's output (P wide) is kept for the
+// weight gradient of w_hr and carried through W_hr to the kernel's h; the
+// unprojected h = o tanh(c') is recomputed from the saved gates and cells.
+LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tensor& grad_output,
+                             const at::Tensor& grad_cells, const at::Tensor& input, const at::Tensor& hx,
+                             const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates,
+                             bool has_bias, const at::Tensor& w_hr = at::Tensor()) {
+  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
+  const int64_t gate_width = w_hh.size(0), hidden = gate_width / gate_count(cell);
+  const int64_t output_size = w_hr.defined() ? w_hr.size(0) : hidden;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_output.contiguous();
+  const at::Tensor dc_out = is_lstm(cell) ? grad_cells.contiguous() : at::Tensor();
+  const at::Tensor h0 = hx.contiguous();
+  const at::Tensor c0 = is_lstm(cell) ? cx.contiguous() : at::Tensor();
+  const at::Tensor out = output.defined() ? output.contiguous() : at::Tensor();
+  const at::Tensor cell_states = is_lstm(cell) ? cells.contiguous() : at::Tensor();
+  const at::Tensor gate_values = is_lstm(cell) ? gates.contiguous() : at::Tensor();
+
+  at::Tensor grad_gates = at::empty({steps, batch, gate_width}, x.options());
+  // d loss / d output and d c carried from step t to t - 1; zero beyond the last step.
+  at::Tensor grad_h = at::zeros({batch, output_size}, x.options());
+  at::Tensor grad_c = is_lstm(cell) ? at::zeros({batch, hidden}, x.options()) : at::Tensor();
+  // Projection: d loss / d output of every step, and the kernel's h gradient of one step.
+  at::Tensor grad_projected = w_hr.defined() ? at::empty({steps, batch, output_size}, x.options()) : at::Tensor();
+  at::Tensor grad_h_full = w_hr.defined() ? at::empty({batch, hidden}, x.options()) : at::Tensor();
+  const at::Tensor no_grad_h = w_hr.defined() ? at::zeros({batch, hidden}, x.options()) : at::Tensor();
+  const std::unique_ptr<StepMatmul> projection = w_hr.defined() ? launch.make_step_matmul(w_hr) : nullptr;
+
+  const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh);
+  BackwardArgs args;
+  args.cell = cell;
+  args.dtype = kernel_dtype(x, "rnn_backward", "input");
+  args.batch = batch;
+  args.hidden = hidden;
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    if (projection) {
+      at::Tensor grad_step = grad_projected.select(0, t);
+      at::add_out(grad_step, dy.select(0, t), grad_h);
+      projection->run(grad_step, grad_h_full, /*accumulate=*/false);
+      args.grad_hy = grad_h_full.const_data_ptr();
+      args.grad_hy_recurrent = no_grad_h.const_data_ptr();
+    } else {
+      args.grad_hy = dy.select(0, t).const_data_ptr();
+      args.grad_hy_recurrent = grad_h.const_data_ptr();
+    }
+    if (is_lstm(cell)) {
+      args.grad_cy = dc_out.select(0, t).const_data_ptr();
+      args.grad_cy_recurrent = grad_c.const_data_ptr();
+      args.grad_cx = grad_c.mutable_data_ptr();
+      args.gates = gate_values.select(0, t).const_data_ptr();
+      args.cx = t > 0 ? cell_states.select(0, t - 1).const_data_ptr() : c0.const_data_ptr();
+      args.cy = cell_states.select(0, t).const_data_ptr();
+    } else {
+      args.hy = out.select(0, t).const_data_ptr();
+    }
+    args.grad_gates = grad_gates.select(0, t).mutable_data_ptr();
+    launch.backward(args);
+    recurrent->run(grad_gates.select(0, t), grad_h, /*accumulate=*/false);
+  }
+
+  LayerBackward result;
+  const at::Tensor dz = grad_gates.view({steps * batch, gate_width});
+  result.grad_input = at::empty({steps * batch, input_size}, x.options());
+  launch.matmul_out(result.grad_input, dz, w_ih, false);
+  result.grad_input = result.grad_input.view({steps, batch, input_size});
+  result.grad_hx = grad_h;
+  result.grad_cx = grad_c;
+  result.grad_w_ih = at::empty({gate_width, input_size}, x.options());
+  launch.matmul_out(result.grad_w_ih, dz.t(), x.view({steps * batch, input_size}), false);
+  result.grad_w_hh = at::empty({gate_width, output_size}, x.options());
+  launch.matmul_out(result.grad_w_hh, grad_gates.select(0, 0).t(), h0, false);
+  if (steps > 1) {
+    launch.matmul_out(result.grad_w_hh, grad_gates.slice(0, 1).reshape({(steps - 1) * batch, gate_width}).t(),
+                      out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, output_size}), true);
+  }
+  result.grad_bias = has_bias ? dz.sum(0) : at::empty({0}, x.options());
+  if (w_hr.defined()) {
+    const at::Tensor h_full = gate_values.narrow(2, 3 * hidden, hidden) * at::tanh(cell_states);
+    result.grad_w_hr = at::empty({output_size, hidden}, x.options());
+    launch.matmul_out(result.grad_w_hr, grad_projected.view({steps * batch, output_size}).t(),
+                      h_full.view({steps * batch, hidden}), false);
+  } else {
+    result.grad_w_hr = at::empty({0}, x.options());
+  }
+  return result;
+}
+
+void check_lstm_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_cells,
+                              const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+                              const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor* output,
+                              const at::Tensor& cells, const at::Tensor& gates, const at::Tensor* w_hr = nullptr) {
+  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const int64_t steps = input.size(0), batch = input.size(1), hidden = w_hh.size(0) / 4;
+  const int64_t output_size = w_hr != nullptr ? w_hr->size(0) : hidden;
+  check_shape(op, "grad_output", grad_output, {steps, batch, output_size}, input);
+  check_shape(op, "grad_cells", grad_cells, {steps, batch, hidden}, input);
+  if (output != nullptr) check_shape(op, "output", *output, {steps, batch, output_size}, input);
+  check_shape(op, "cells", cells, {steps, batch, hidden}, input);
+  check_shape(op, "gates", gates, {steps, batch, 4 * hidden}, input);
+}
+
+void check_rnn_backward_args(const char* op, Cell cell, const at::Tensor& grad_output, const at::Tensor& input,
+                             const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                             const at::Tensor& output) {
+  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, std::nullopt, std::nullopt);
+  const int64_t steps = input.size(0), batch = input.size(1), hidden = w_hh.size(1);
+  check_shape(op, "grad_output", grad_output, {steps, batch, hidden}, input);
+  check_shape(op, "output", output, {steps, batch, hidden}, input);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_impl(
+    const Launchers& launch, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr) {
+  const char* op = "lstm_layer";
+  check_layer_input(op, input);
+  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, b_ih, b_hh, w_hr.has_value() ? &*w_hr : nullptr);
+  LayerForward f =
+      layer_forward(launch, Cell::kLstm, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr.value_or(at::Tensor()));
+  return {f.output, f.cells, f.gates};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_impl(const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells,
+                         const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                         const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
+                         const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr) {
+  const char* op = "lstm_layer_backward";
+  check_layer_input(op, input);
+  check_lstm_backward_args(op, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, &output, cells, gates,
+                           w_hr.has_value() ? &*w_hr : nullptr);
+  LayerBackward b = layer_backward(launch, Cell::kLstm, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output,
+                                   cells, gates, has_bias, w_hr.value_or(at::Tensor()));
+  return {b.grad_input, b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias, b.grad_w_hr};
+}
+
+at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,
+                          const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                          const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity) {
+  const char* op = "rnn_layer";
+  const Cell cell = parse_nonlinearity(nonlinearity, op);
+  check_layer_input(op, input);
+  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, b_ih, b_hh);
+  return layer_forward(launch, cell, input, hx, at::Tensor(), w_ih, w_hh, b_ih, b_hh).output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_impl(
+    const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, bool has_bias,
+    std::string_view nonlinearity) {
+  const char* op = "rnn_layer_backward";
+  const Cell cell = parse_nonlinearity(nonlinearity, op);
+  check_layer_input(op, input);
+  check_rnn_backward_args(op, cell, grad_output, input, hx, w_ih, w_hh, output);
+  LayerBackward b = layer_backward(launch, cell, grad_output, at::Tensor(), input, hx, at::Tensor(), w_ih, w_hh,
+                                   output, at::Tensor(), at::Tensor(), has_bias);
+  return {b.grad_input, b.grad_hx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_impl(
+    const Launchers& launch, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+    const std::optional<at::Tensor>& b_hh) {
+  const char* op = "lstm_cell";
+  check_cell_input(op, input);
+  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, b_ih, b_hh);
+  LayerForward f = layer_forward(launch, Cell::kLstm, input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh);
+  return {f.output.squeeze(0), f.cells.squeeze(0), f.gates.squeeze(0)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_impl(
+    const Launchers& launch, const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input,
+    const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& gates, const at::Tensor& cy, bool has_bias) {
+  const char* op = "lstm_cell_backward";
+  check_cell_input(op, input);
+  const at::Tensor x = input.unsqueeze(0);
+  check_lstm_backward_args(op, grad_hy.unsqueeze(0), grad_cy.unsqueeze(0), x, hx, cx, w_ih, w_hh, nullptr,
+                           cy.unsqueeze(0), gates.unsqueeze(0));
+  LayerBackward b = layer_backward(launch, Cell::kLstm, grad_hy.unsqueeze(0), grad_cy.unsqueeze(0), x, hx, cx, w_ih,
+                                   w_hh, at::Tensor(), cy.unsqueeze(0), gates.unsqueeze(0), has_bias);
+  return {b.grad_input.squeeze(0), b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
+}
+
+at::Tensor rnn_cell_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,
+                         const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity) {
+  const char* op = "rnn_cell";
+  const Cell cell = parse_nonlinearity(nonlinearity, op);
+  check_cell_input(op, input);
+  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, b_ih, b_hh);
+  return layer_forward(launch, cell, input.unsqueeze(0), hx, at::Tensor(), w_ih, w_hh, b_ih, b_hh).output.squeeze(0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_backward_impl(
+    const Launchers& launch, const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& hy, bool has_bias,
+    std::string_view nonlinearity) {
+  const char* op = "rnn_cell_backward";
+  const Cell cell = parse_nonlinearity(nonlinearity, op);
+  check_cell_input(op, input);
+  const at::Tensor x = input.unsqueeze(0);
+  check_rnn_backward_args(op, cell, grad_hy.unsqueeze(0), x, hx, w_ih, w_hh, hy.unsqueeze(0));
+  LayerBackward b = layer_backward(launch, cell, grad_hy.unsqueeze(0), at::Tensor(), x, hx, at::Tensor(), w_ih, w_hh,
+                                   hy.unsqueeze(0), at::Tensor(), at::Tensor(), has_bias);
+  return {b.grad_input.squeeze(0), b.grad_hx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
+}
+
+// ---- CPU ---------------------------------------------------------------------------
+
+namespace {
+
+// Batch rows per parallel task: at least ~16K elements of the gate matrix, below which
+// waking the second thread costs more than the pointwise pass itself.
+int64_t grain_rows(Cell cell, int64_t hidden) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, gate_count(cell) * hidden));
+}
+
+void forward_cpu(const ForwardArgs& args) {
+  const CpuKernels& kernels = rnn_cpu_kernels_select();
+  at::parallel_for(0, args.batch, grain_rows(args.cell, args.hidden),
+                   [&](int64_t begin, int64_t end) { kernels.forward(args, begin, end); });
+}
+
+void backward_cpu(const BackwardArgs& args) {
+  const CpuKernels& kernels = rnn_cpu_kernels_select();
+  at::parallel_for(0, args.batch, grain_rows(args.cell, args.hidden),
+                   [&](int64_t begin, int64_t end) { kernels.backward(args, begin, end); });
+}
+
+// float32 GEMMs on the packed micro-kernel of rnn_cpu_kernel.cpp (see there for why);
+// other dtypes through ATen.
+
+// k is split into chunks so that a packed panel (chunk x 32 floats at AVX-512) stays in L1.
+constexpr int64_t kGemmDepthChunk = 256;
+// Rows per task of the large GEMMs: a row block of A (96 x 256 floats) stays in L2 while
+// the task sweeps its panels.
+constexpr int64_t kGemmRowBlock = 96;
+
+int64_t gemm_grain(int64_t rows, int64_t depth, int64_t width) {
+  // Tasks per parallel chunk: at least ~1 MFLOP each.
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, 2 * rows * depth * width));
+}
+
+void run_gemm_tasks(const CpuKernels& kernels, const GemmArgs& args) {
+  const int64_t width = kernels.gemm_panel_width();
+  const int64_t panels = (args.n + width - 1) / width;
+  const int64_t tasks = panels * ((args.m + args.row_block - 1) / args.row_block);
+  at::parallel_for(0, tasks, gemm_grain(std::min(args.m, args.row_block), args.k, width),
+                   [&](int64_t begin, int64_t end) { kernels.gemm(args, begin, end); });
+}
+
+class PackedStepMatmul final : public StepMatmul {
+ public:
+  explicit PackedStepMatmul(const at::Tensor& b) : kernels_(rnn_cpu_kernels_select()), k_(b.size(0)), n_(b.size(1)) {
+    const int64_t width = kernels_.gemm_panel_width();
+    packed_ = at::empty({(n_ + width - 1) / width * k_ * width}, b.options());
+    kernels_.pack_b(b.const_data_ptr<float>(), k_, n_, b.stride(0), b.stride(1), packed_.mutable_data_ptr<float>());
+  }
+
+  void run(const at::Tensor& a, at::Tensor c, bool accumulate) override {
+    GemmArgs args;
+    args.a = a.const_data_ptr<float>();
+    args.lda = a.stride(0);
+    args.packed_b = packed_.const_data_ptr<float>();
+    args.c = c.mutable_data_ptr<float>();
+    args.ldc = c.stride(0);
+    args.m = a.size(0);
+    args.n = n_;
+    args.k = k_;
+    // Split the rows between the threads too: a thin n (the backward's dz W_hh has
+    // n = hidden) leaves too few panels to share.
+    const int64_t rows_per_thread = (args.m + at::get_num_threads() - 1) / at::get_num_threads();
+    args.row_block = std::max<int64_t>(6, (rows_per_thread + 5) / 6 * 6);
+    args.accumulate = accumulate;
+    if (args.m == 0 || args.n == 0) return;
+    if (args.k == 0) {
+      if (!accumulate) c.zero_();
+      return;
+    }
+    run_gemm_tasks(kernels_, args);
+  }
+
+ private:
+  const CpuKernels& kernels_;
+  int64_t k_, n_;
+  at::Tensor packed_;
+};
+
+std::unique_ptr<StepMatmul> make_step_matmul_cpu(const at::Tensor& b) {
+  if (b.scalar_type() == at::kFloat) return std::make_unique<PackedStepMatmul>(b);
+  return make_aten_step_matmul(b);
+}
+
+// c (+)= a b, float32, c dense row-major: A made row-major (a copy when it is a
+// transposed view), B packed chunk by chunk of k.
+void packed_matmul_out(at::Tensor c, const at::Tensor& a_in, const at::Tensor& b, bool accumulate) {
+  const CpuKernels& kernels = rnn_cpu_kernels_select();
+  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1), width = kernels.gemm_panel_width();
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
+  at::Tensor packed = at::empty({(n + width - 1) / width * std::min(k, kGemmDepthChunk) * width}, a.options());
+  for (int64_t k0 = 0; k0 < k; k0 += kGemmDepthChunk) {
+    const int64_t depth = std::min(kGemmDepthChunk, k - k0);
+    kernels.pack_b(b.const_data_ptr<float>() + k0 * b.stride(0), depth, n, b.stride(0), b.stride(1),
+                   packed.mutable_data_ptr<float>());
+    GemmArgs args;
+    args.a = a.const_data_ptr<float>() + k0;
+    args.lda = a.stride(0);
+    args.packed_b = packed.const_data_ptr<float>();
+    args.c = c.mutable_data_ptr<float>();
+    args.ldc = c.stride(0);
+    args.m = m;
+    args.n = n;
+    args.k = depth;
+    args.row_block = kGemmRowBlock;
+    args.accumulate = accumulate || k0 > 0;
+    run_gemm_tasks(kernels, args);
+  }
+}
+
+void matmul_out_cpu(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if (c.scalar_type() != at::kFloat) return aten_matmul_out(c, a, b, accumulate);
+  const int64_t m = a.size(0), n = b.size(1);
+  const int64_t width = rnn_cpu_kernels_select().gemm_panel_width();
+  // Compute c^T = b^T a^T instead when c is thin (n below a panel's width would fill
+  // few of its lanes, e.g. the input gradient for a small input_size), or when a is a
+  // transposed view (the weight gradients' dz^T) that would have to be copied whole
+  // while b^T (x^T, h^T) is the smaller copy.
+  if ((n < width && m > n) || (a.stride(1) != 1 && n < m)) {
+    at::Tensor c_t = at::empty({n, m}, c.options());
+    packed_matmul_out(c_t, b.t(), a.t(), false);
+    if (accumulate) {
+      c.add_(c_t.t());
+    } else {
+      c.copy_(c_t.t());
+    }
+    return;
+  }
+  packed_matmul_out(c, a, b, accumulate);
+}
+
+constexpr Launchers kCpuLaunchers{&forward_cpu, &backward_cpu, &make_step_matmul_cpu, &matmul_out_cpu};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(const at::Tensor& input, const at::Tensor& hx,
+                                                             const at::Tensor& cx, const at::Tensor& w_ih,
+                                                             const at::Tensor& w_hh,
+                                                             const std::optional<at::Tensor>& b_ih,
+                                                             const std::optional<at::Tensor>& b_hh) {
+  return lstm_cell_impl(kCpuLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward_cpu(
+    const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& gates,
+    const at::Tensor& cy, bool has_bias) {
+  return lstm_cell_backward_impl(kCpuLaunchers, grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, gates, cy, has_bias);
+}
+
+at::Tensor rnn_cell_cpu(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                        const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                        const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
+  return rnn_cell_impl(kCpuLaunchers, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_backward_cpu(
+    const at::Tensor& grad_hy, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& hy, bool has_bias, c10::string_view nonlinearity) {
+  return rnn_cell_backward_impl(kCpuLaunchers, grad_hy, input, hx, w_ih, w_hh, hy, has_bias, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+    const std::optional<at::Tensor>& w_hr) {
+  return lstm_layer_impl(kCpuLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
+                        const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                        const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias,
+                        const std::optional<at::Tensor>& w_hr) {
+  return lstm_layer_backward_impl(kCpuLaunchers, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells,
+                                  gates, has_bias, w_hr);
+}
+
+at::Tensor rnn_layer_cpu(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                         const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                         const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
+  return rnn_layer_impl(kCpuLaunchers, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& output, bool has_bias, c10::string_view nonlinearity) {
+  return rnn_layer_backward_impl(kCpuLaunchers, grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastlayers, CPU, m) {
+  m.impl("lstm_cell", &lstm_cell_cpu);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
+  m.impl("rnn_cell", &rnn_cell_cpu);
+  m.impl("rnn_cell_backward", &rnn_cell_backward_cpu);
+  m.impl("lstm_layer", &lstm_layer_cpu);
+  m.impl("lstm_layer_backward", &lstm_layer_backward_cpu);
+  m.impl("rnn_layer", &rnn_layer_cpu);
+  m.impl("rnn_layer_backward", &rnn_layer_backward_cpu);
+}
+
+}  // namespace fastlayers::rnn

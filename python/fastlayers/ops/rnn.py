@@ -1,0 +1,507 @@
+"""Fused LSTM and Elman RNN: single-step cells and whole layers, forward and backward.
+
+The LSTM (gate order i, f, g, o, as torch)::
+
+    i = sigmoid(W_ii x + b_ii + W_hi h + b_hi)      f = sigmoid(W_if x + b_if + W_hf h + b_hf)
+    g = tanh(W_ig x + b_ig + W_hg h + b_hg)         o = sigmoid(W_io x + b_io + W_ho h + b_ho)
+    c' = f * c + i * g                               h' = o * tanh(c')
+
+and the Elman RNN ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, ``act`` = tanh or relu.
+
+* ``torch.ops.fastlayers.{lstm,rnn}_{cell,layer}`` and their ``*_backward`` ops: C++
+  and CUDA (csrc/rnn/), schemas in csrc/registration.cpp. A layer runs one GEMM for
+  the input projection of all timesteps, then per step the recurrent GEMM and one
+  fused pointwise kernel; its backward is the reverse loop of fused pointwise
+  backward + one GEMM, then the input and weight gradients as large GEMMs.
+* The forward saves what the backward needs and nothing else: the activated gates and
+  the cell states (LSTM), the outputs (RNN); never the pre-activations.
+* here: fake kernels, autograd, the pure-PyTorch references (fallback and test
+  oracle), the functional API and the multi-layer / bidirectional / packed driver
+  that ``fastlayers.nn.LSTM`` / ``RNN`` use.
+
+What runs where: every layer runs the layer op, the LSTM's projection (``proj_size``)
+included; ``PackedSequence`` input is padded to its longest sequence (each sequence
+reversed within its own length for the reverse direction; the padded steps cost time,
+the results are exact). Higher-order gradients (``create_graph=True``) are computed by
+differentiating the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fastlayers import _extension, backend
+
+NONLINEARITIES = ("tanh", "relu")
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---- checks (the C++ entry's, same messages and exception types) --------------------
+
+
+def _check_like_input(op, name, t, input):
+    if t.device != input.device:
+        raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{op}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
+
+
+def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool, w_hr=None) -> None:
+    """Checks of a cell (input [B, I]) or layer (input [T, B, I]) op; `gates` = 4 (LSTM) or 1;
+    `w_hr` [P, H] the LSTM projection, with which w_hh is [4H, P] and hx [B, P]."""
+    if layer:
+        if input.dim() != 3:
+            raise RuntimeError(f"{op}: input must be 3-D [seq_len, batch, input_size], got shape {list(input.shape)}")
+        if input.shape[0] < 1:
+            raise RuntimeError(f"{op}: input must have at least one time step, got shape {list(input.shape)}")
+    elif input.dim() != 2:
+        raise RuntimeError(f"{op}: input must be 2-D [batch, input_size], got shape {list(input.shape)}")
+    if input.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
+    batch, input_size = input.shape[-2], input.shape[-1]
+    if w_hr is not None:
+        if w_hr.dim() != 2:
+            raise RuntimeError(f"{op}: w_hr must be 2-D [proj_size, hidden_size], got {list(w_hr.shape)}")
+        hidden, output_size = w_hr.shape[1], w_hr.shape[0]
+        if w_hh.dim() != 2 or w_hh.shape[0] != gates * hidden or w_hh.shape[1] != output_size:
+            raise RuntimeError(
+                f"{op}: with w_hr of shape {list(w_hr.shape)}, w_hh must have shape "
+                f"[{gates * hidden}, {output_size}], got {list(w_hh.shape)}"
+            )
+        _check_like_input(op, "w_hr", w_hr, input)
+    else:
+        if w_hh.dim() != 2 or w_hh.shape[0] != gates * w_hh.shape[1]:
+            raise RuntimeError(
+                f"{op}: w_hh must have shape [{gates} * hidden_size, hidden_size], got {list(w_hh.shape)}"
+            )
+        hidden = output_size = w_hh.shape[1]
+    if w_ih.dim() != 2 or w_ih.shape[0] != gates * hidden:
+        raise RuntimeError(
+            f"{op}: w_ih must have shape [{gates * hidden}, input_size] ({gates} * hidden_size rows, as w_hh), "
+            f"got {list(w_ih.shape)}"
+        )
+    if input_size != w_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {input_size} expected {w_ih.shape[1]}")
+    for state, name, size in ((hx, "hidden0", output_size), (cx, "hidden1", hidden)):
+        if state is None:
+            continue
+        if state.dim() != 2:
+            raise RuntimeError(f"{op}: {name} must be 2-D [batch, hidden_size], got shape {list(state.shape)}")
+        if state.shape[0] != batch:
+            raise RuntimeError(f"Input batch size {batch} doesn't match {name} batch size {state.shape[0]}")
+        if state.shape[1] != size:
+            raise RuntimeError(f"{name} has inconsistent hidden_size: got {state.shape[1]}, expected {size}")
+        _check_like_input(op, name, state, input)
+    _check_like_input(op, "w_ih", w_ih, input)
+    _check_like_input(op, "w_hh", w_hh, input)
+    for bias, name in ((b_ih, "b_ih"), (b_hh, "b_hh")):
+        if bias is None:
+            continue
+        if bias.dim() != 1 or bias.shape[0] != gates * hidden:
+            raise RuntimeError(f"{op}: {name} must have shape [{gates * hidden}], got {list(bias.shape)}")
+        _check_like_input(op, name, bias, input)
+
+
+def _check_nonlinearity(op, nonlinearity):
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"{op}: unknown nonlinearity '{nonlinearity}'; expected 'tanh' or 'relu'")
+
+
+# ---- references ---------------------------------------------------------------------
+
+
+def lstm_cell_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One LSTM step in plain PyTorch ops: returns (h', c')."""
+    h, c = hx
+    z = F.linear(input, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    zi, zf, zg, zo = z.chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(zi), torch.sigmoid(zf), torch.tanh(zg), torch.sigmoid(zo)
+    c_next = f * c + i * g
+    return o * torch.tanh(c_next), c_next
+
+
+def rnn_cell_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """One Elman RNN step in plain PyTorch ops: returns h'."""
+    z = F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh)
+    return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
+
+
+def lstm_layer_reference(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
+    """One LSTM layer over time-major input [T, B, I]: (output [T, B, H or P], cells [T, B, H]);
+    with the projection w_hr [P, H] each step's output is h W_hr^T."""
+    h, c = hx, cx
+    outputs, cells = [], []
+    for x in input.unbind(0):
+        h, c = lstm_cell_reference(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        if w_hr is not None:
+            h = F.linear(h, w_hr)
+        outputs.append(h)
+        cells.append(c)
+    return torch.stack(outputs), torch.stack(cells)
+
+
+def rnn_layer_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
+    """One Elman RNN layer over time-major input [T, B, I]: output [T, B, H]."""
+    h = hx
+    outputs = []
+    for x in input.unbind(0):
+        h = rnn_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+        outputs.append(h)
+    return torch.stack(outputs)
+
+
+# ---- torch.library registrations ------------------------------------------------------
+
+
+def _grads_through_reference(reference, inputs, outputs_grads):
+    """Gradients of `reference(*inputs)` with a graph (create_graph=True): double backward."""
+    wanted = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    outputs = reference(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, outputs_grads) if g is not None]
+    grads = iter(
+        torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True, allow_unused=True
+        )
+    )
+    return tuple(next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in inputs)
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
+if _extension.available():
+
+    @torch.library.register_fake("fastlayers::lstm_cell")
+    def _lstm_cell_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+        check_args("lstm_cell", 4, input, hx, cx, w_ih, w_hh, b_ih, b_hh, layer=False)
+        batch, hidden = input.shape[0], w_hh.shape[1]
+        return input.new_empty(batch, hidden), input.new_empty(batch, hidden), input.new_empty(batch, 4 * hidden)
+
+    @torch.library.register_fake("fastlayers::lstm_cell_backward")
+    def _lstm_cell_backward_fake(grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, gates, cy, has_bias):
+        check_args("lstm_cell_backward", 4, input, hx, cx, w_ih, w_hh, None, None, layer=False)
+        bias = input.new_empty(w_ih.shape[0] if has_bias else 0)
+        return (
+            torch.empty_like(input, memory_format=torch.contiguous_format),
+            hx.new_empty(hx.shape),
+            cx.new_empty(cx.shape),
+            w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape),
+            bias,
+        )
+
+    @torch.library.register_fake("fastlayers::rnn_cell")
+    def _rnn_cell_fake(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+        _check_nonlinearity("rnn_cell", nonlinearity)
+        check_args("rnn_cell", 1, input, hx, None, w_ih, w_hh, b_ih, b_hh, layer=False)
+        return input.new_empty(input.shape[0], w_hh.shape[1])
+
+    @torch.library.register_fake("fastlayers::rnn_cell_backward")
+    def _rnn_cell_backward_fake(grad_hy, input, hx, w_ih, w_hh, hy, has_bias, nonlinearity):
+        _check_nonlinearity("rnn_cell_backward", nonlinearity)
+        check_args("rnn_cell_backward", 1, input, hx, None, w_ih, w_hh, None, None, layer=False)
+        return (
+            torch.empty_like(input, memory_format=torch.contiguous_format),
+            hx.new_empty(hx.shape),
+            w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape),
+            input.new_empty(w_ih.shape[0] if has_bias else 0),
+        )
+
+    @torch.library.register_fake("fastlayers::lstm_layer")
+    def _lstm_layer_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr=None):
+        check_args("lstm_layer", 4, input, hx, cx, w_ih, w_hh, b_ih, b_hh, layer=True, w_hr=w_hr)
+        steps, batch, hidden = input.shape[0], input.shape[1], w_hh.shape[0] // 4
+        return (
+            input.new_empty(steps, batch, hx.shape[1]),
+            input.new_empty(steps, batch, hidden),
+            input.new_empty(steps, batch, 4 * hidden),
+        )
+
+    @torch.library.register_fake("fastlayers::lstm_layer_backward")
+    def _lstm_layer_backward_fake(
+        grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, has_bias, w_hr=None
+    ):
+        check_args("lstm_layer_backward", 4, input, hx, cx, w_ih, w_hh, None, None, layer=True, w_hr=w_hr)
+        return (
+            torch.empty_like(input, memory_format=torch.contiguous_format),
+            hx.new_empty(hx.shape),
+            cx.new_empty(cx.shape),
+            w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape),
+            input.new_empty(w_ih.shape[0] if has_bias else 0),
+            input.new_empty(w_hr.shape if w_hr is not None else (0,)),
+        )
+
+    @torch.library.register_fake("fastlayers::rnn_layer")
+    def _rnn_layer_fake(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+        _check_nonlinearity("rnn_layer", nonlinearity)
+        check_args("rnn_layer", 1, input, hx, None, w_ih, w_hh, b_ih, b_hh, layer=True)
+        return input.new_empty(input.shape[0], input.shape[1], w_hh.shape[1])
+
+    @torch.library.register_fake("fastlayers::rnn_layer_backward")
+    def _rnn_layer_backward_fake(grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity):
+        _check_nonlinearity("rnn_layer_backward", nonlinearity)
+        check_args("rnn_layer_backward", 1, input, hx, None, w_ih, w_hh, None, None, layer=True)
+        return (
+            torch.empty_like(input, memory_format=torch.contiguous_format),
+            hx.new_empty(hx.shape),
+            w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape),
+            input.new_empty(w_ih.shape[0] if has_bias else 0),
+        )
+
+    def _bias_grads(ctx, grad_bias):
+        b_ih, b_hh = ctx.has_b_ih, ctx.has_b_hh
+        return (grad_bias if b_ih else None), (grad_bias if b_hh else None)
+
+    # LSTM (cell and layer): the activated gates are an implementation output, not differentiable.
+    def _lstm_setup_context(ctx, inputs, output):
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs[:7]
+        w_hr = inputs[7] if len(inputs) > 7 else None  # the layer's projection
+        hy_or_output, cy_or_cells, gates = output
+        ctx.mark_non_differentiable(gates)
+        ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
+        ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy_or_output, cy_or_cells, gates, w_hr)
+
+    def _lstm_cell_backward(ctx, grad_hy, grad_cy, _grad_gates):
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy, cy, gates, _ = ctx.saved_tensors
+        grad_hy, grad_cy = _zeros_if_none(grad_hy, hy), _zeros_if_none(grad_cy, cy)
+        if torch.is_grad_enabled():
+            return _grads_through_reference(
+                lambda x, h, c, wi, wh, bi, bh: lstm_cell_reference(x, (h, c), wi, wh, bi, bh),
+                (input, hx, cx, w_ih, w_hh, b_ih, b_hh),
+                (grad_hy, grad_cy),
+            )
+        grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias = torch.ops.fastlayers.lstm_cell_backward.default(
+            grad_hy, grad_cy, input, hx, cx, w_ih, w_hh, gates, cy, ctx.has_b_ih or ctx.has_b_hh
+        )
+        return (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias))
+
+    def _lstm_layer_backward(ctx, grad_output, grad_cells, _grad_gates):
+        input, hx, cx, w_ih, w_hh, b_ih, b_hh, output, cells, gates, w_hr = ctx.saved_tensors
+        grad_output, grad_cells = _zeros_if_none(grad_output, output), _zeros_if_none(grad_cells, cells)
+        if torch.is_grad_enabled():
+            return _grads_through_reference(
+                lstm_layer_reference, (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_output, grad_cells)
+            )
+        grads = torch.ops.fastlayers.lstm_layer_backward.default(
+            grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, ctx.has_b_ih or ctx.has_b_hh, w_hr
+        )
+        grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
+        return (
+            grad_input,
+            grad_hx,
+            grad_cx,
+            grad_w_ih,
+            grad_w_hh,
+            *_bias_grads(ctx, grad_bias),
+            grad_w_hr if w_hr is not None else None,
+        )
+
+    def _rnn_setup_context(ctx, inputs, output):
+        input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity = inputs
+        ctx.nonlinearity = nonlinearity
+        ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
+        ctx.save_for_backward(input, hx, w_ih, w_hh, b_ih, b_hh, output)
+
+    def _rnn_backward(layer):
+        reference = rnn_layer_reference if layer else rnn_cell_reference
+        backward_op = torch.ops.fastlayers.rnn_layer_backward if layer else torch.ops.fastlayers.rnn_cell_backward
+
+        def backward(ctx, grad_output):
+            input, hx, w_ih, w_hh, b_ih, b_hh, output = ctx.saved_tensors
+            if torch.is_grad_enabled():
+                grads = _grads_through_reference(
+                    lambda x, h, wi, wh, bi, bh: reference(x, h, wi, wh, bi, bh, ctx.nonlinearity),
+                    (input, hx, w_ih, w_hh, b_ih, b_hh),
+                    (grad_output,),
+                )
+                return (*grads, None)
+            grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias = backward_op.default(
+                grad_output, input, hx, w_ih, w_hh, output, ctx.has_b_ih or ctx.has_b_hh, ctx.nonlinearity
+            )
+            return (grad_input, grad_hx, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias), None)
+
+        return backward
+
+    torch.library.register_autograd("fastlayers::lstm_cell", _lstm_cell_backward, setup_context=_lstm_setup_context)
+    torch.library.register_autograd("fastlayers::lstm_layer", _lstm_layer_backward, setup_context=_lstm_setup_context)
+    torch.library.register_autograd("fastlayers::rnn_cell", _rnn_backward(False), setup_context=_rnn_setup_context)
+    torch.library.register_autograd("fastlayers::rnn_layer", _rnn_backward(True), setup_context=_rnn_setup_context)
+
+
+# ---- functional API: cells ------------------------------------------------------------
+
+
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One fused LSTM step, as ``torch._VF.lstm_cell``: returns ``(h', c')``.
+
+    Args:
+        input: ``(B, I)``; hx: the pair ``(h, c)``, each ``(B, H)``;
+        w_ih: ``(4H, I)``; w_hh: ``(4H, H)``; b_ih, b_hh: optional ``(4H,)``.
+    """
+    h, c = hx
+    check_args("lstm_cell", 4, input, h, c, w_ih, w_hh, b_ih, b_hh, layer=False)
+    if backend.use_kernels(input.device):
+        hy, cy, _ = torch.ops.fastlayers.lstm_cell.default(input, h, c, w_ih, w_hh, b_ih, b_hh)
+        return hy, cy
+    return lstm_cell_reference(input, (h, c), w_ih, w_hh, b_ih, b_hh)
+
+
+def _rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    check_args("rnn_cell", 1, input, hx, None, w_ih, w_hh, b_ih, b_hh, layer=False)
+    if backend.use_kernels(input.device):
+        return torch.ops.fastlayers.rnn_cell.default(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    return rnn_cell_reference(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+
+def rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One fused Elman RNN step ``tanh(x W_ih^T + b_ih + h W_hh^T + b_hh)``, as ``torch._VF.rnn_tanh_cell``."""
+    return _rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, "tanh")
+
+
+def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One fused Elman RNN step ``relu(x W_ih^T + b_ih + h W_hh^T + b_hh)``, as ``torch._VF.rnn_relu_cell``."""
+    return _rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, "relu")
+
+
+# ---- functional API: layers -------------------------------------------------------------
+
+
+def _lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """One direction of one layer, time-major: (output [T, B, H or P], cells [T, B, H])."""
+    if backend.use_kernels(input.device):
+        output, cells, _ = torch.ops.fastlayers.lstm_layer.default(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        return output, cells
+    check_args("lstm_layer", 4, input, h0, c0, w_ih, w_hh, b_ih, b_hh, layer=True, w_hr=w_hr)
+    return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+
+
+def _rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    """One direction of one layer, time-major: output [T, B, H]."""
+    if backend.use_kernels(input.device):
+        return torch.ops.fastlayers.rnn_layer.default(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+    check_args("rnn_layer", 1, input, h0, None, w_ih, w_hh, b_ih, b_hh, layer=True)
+    return rnn_layer_reference(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+
+
+def _layer(mode, x, h0, c0, weights, nonlinearity):
+    """(output, cells or None) of one layer op over time-major x."""
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    if mode == "lstm":
+        return _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    return _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity), None
+
+
+def _packed_through_layer(mode, data, batch_sizes, h0, c0, weights, reverse, nonlinearity):
+    """A packed sequence through the layer op: padded (sorted by length, as packed
+    batches are), each sequence reversed within its own length for the reverse
+    direction, so every sequence starts from its initial state at its first step.
+    Steps past a sequence's end compute values that are dropped when re-packing, and
+    its final state is taken at its last step; no gradient flows into the dropped
+    values, so forward and backward are exact (the padded steps cost time, not accuracy)."""
+    padded, lengths = pad_packed_sequence(PackedSequence(data, torch.tensor(batch_sizes, dtype=torch.int64)))
+    steps, batch = padded.shape[0], padded.shape[1]
+    step_index = torch.arange(steps).unsqueeze(1)
+    last = lengths.unsqueeze(0) - 1
+    order = None
+    if reverse:
+        # Step t of the reversed sequence b is its step L_b - 1 - t; padding stays in place.
+        order = torch.where(step_index <= last, last - step_index, step_index).to(data.device)
+        padded = padded.gather(0, order.unsqueeze(-1).expand(padded.shape))
+    output, cells = _layer(mode, padded, h0, c0, weights, nonlinearity)
+    final_step = (lengths - 1).to(data.device)
+    rows = torch.arange(batch, device=data.device)
+    h_n = output[final_step, rows]
+    c_n = cells[final_step, rows] if cells is not None else None
+    if reverse:
+        output = output.gather(0, order.unsqueeze(-1).expand(output.shape))
+    return pack_padded_sequence(output, lengths).data, h_n, c_n
+
+
+def _run_direction(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity):
+    """One direction of one layer: (output, h_n, c_n); x is time-major [T, B, I] when
+    batch_sizes is None, else packed data."""
+    if batch_sizes is not None:
+        return _packed_through_layer(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
+    xs = x.flip(0) if reverse else x
+    output, cells = _layer(mode, xs, h0, c0, weights, nonlinearity)
+    h_n, c_n = output[-1], (cells[-1] if cells is not None else None)
+    return (output.flip(0) if reverse else output), h_n, c_n
+
+
+def _stack(mode, input, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional,
+           nonlinearity, proj):
+    directions = 2 if bidirectional else 1
+    per_direction = 2 + (2 if has_biases else 0) + (1 if proj else 0)
+    if len(params) != num_layers * directions * per_direction:
+        raise ValueError(
+            f"{mode}: expected {num_layers * directions * per_direction} weight tensors "
+            f"({num_layers} layers x {directions} directions x {per_direction}), got {len(params)}"
+        )
+    sizes = None if batch_sizes is None else [int(s) for s in batch_sizes.tolist()]
+    layer_input = input
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = params[k * per_direction : (k + 1) * per_direction]
+            weights = (
+                w[0],
+                w[1],
+                w[2] if has_biases else None,
+                w[3] if has_biases else None,
+                w[-1] if proj else None,
+            )
+            out, h, c = _run_direction(
+                mode, layer_input, sizes, h0[k], None if c0 is None else c0[k], weights, direction == 1, nonlinearity
+            )
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+
+def lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, batch_sizes=None):
+    """Multi-layer LSTM with ``torch._VF.lstm``'s arguments: returns ``(output, h_n, c_n)``.
+
+    ``params`` is the flat weight list of ``torch.nn.LSTM`` (per layer and direction
+    ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``); ``hx = (h_0, c_0)``; a projection is
+    recognised, as torch does, by ``h_0`` being narrower than ``c_0``. With
+    ``batch_sizes`` (a ``PackedSequence``'s), ``input`` is the packed data and
+    ``batch_first`` is ignored. Dropout (training only) applies to the outputs of every
+    layer but the last.
+    """
+    h0, c0 = hx
+    proj = h0.shape[-1] != c0.shape[-1]
+    x = input.transpose(0, 1) if batch_first and batch_sizes is None else input
+    output, h_n, c_n = _stack(
+        "lstm", x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, None, proj
+    )
+    if batch_first and batch_sizes is None:
+        output = output.transpose(0, 1)
+    return output, h_n, c_n
+
+
+def rnn(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, nonlinearity="tanh",
+        batch_sizes=None):
+    """Multi-layer Elman RNN with ``torch._VF.rnn_tanh``'s arguments plus ``nonlinearity``
+    (``"tanh"`` or ``"relu"``): returns ``(output, h_n)``. See :func:`lstm` for ``batch_sizes``."""
+    _check_nonlinearity("rnn", nonlinearity)
+    x = input.transpose(0, 1) if batch_first and batch_sizes is None else input
+    output, h_n, _ = _stack(
+        "rnn", x, batch_sizes, hx, None, params, has_biases, num_layers, dropout, train, bidirectional, nonlinearity,
+        False,
+    )
+    if batch_first and batch_sizes is None:
+        output = output.transpose(0, 1)
+    return output, h_n
