@@ -10,13 +10,12 @@
 // columns l, l + 32, ... (up to kChunks * 32 = head dims up to 256). The softmax is
 // online (running max and sum) in the forward; the backward recomputes P from the
 // logsumexp and uses D = rowsum(dO * O). No atomics: the result is deterministic.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
 #include "attention/attention_kernel.h"
+#include "common/cuda_scalar.cuh"
 #include "common/math.h"
 
 namespace fastlayers::attention {
@@ -27,21 +26,9 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTile = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <class S> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-
-__device__ __forceinline__ float to_compute(float v) { return v; }
-__device__ __forceinline__ double to_compute(double v) { return v; }
-__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class S> __device__ __forceinline__ S from_compute(typename Compute<S>::type v);
-template <> __device__ __forceinline__ float from_compute<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_compute<double>(double v) { return v; }
-template <> __device__ __forceinline__ __half from_compute<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using cuda::Compute;
+using cuda::from_compute;
+using cuda::to_compute;
 
 template <class T> __device__ __forceinline__ T neg_inf();
 template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }

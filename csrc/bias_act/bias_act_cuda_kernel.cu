@@ -1,13 +1,12 @@
 // bias_act CUDA kernels. Include no torch headers: the glue in bias_act_cuda.cpp
 // allocates, checks and passes the current stream. Compute is float (double for
 // float64); the per-element math is bias_act_math.h, shared with the CPU kernels.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
 #include "bias_act/bias_act_kernel.h"
+#include "common/cuda_scalar.cuh"
 
 namespace fastlayers::bias_act {
 namespace {
@@ -19,21 +18,9 @@ constexpr int kRowLanes = 8;
 // Elements a backward block of the plane layout reduces, at most.
 constexpr int64_t kElementsPerGroup = 16384;
 
-template <class S> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-
-__device__ __forceinline__ float to_compute(float v) { return v; }
-__device__ __forceinline__ double to_compute(double v) { return v; }
-__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class S> __device__ __forceinline__ S from_compute(typename Compute<S>::type v);
-template <> __device__ __forceinline__ float from_compute<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_compute<double>(double v) { return v; }
-template <> __device__ __forceinline__ __half from_compute<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using cuda::Compute;
+using cuda::from_compute;
+using cuda::to_compute;
 
 template <Activation A, class T>
 __device__ __forceinline__ T grad_z(T grad_out, T saved, T b) {

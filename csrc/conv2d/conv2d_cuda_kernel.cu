@@ -8,13 +8,12 @@
 // per kTileDepth step the block stages A (gathered through the decoded offsets) and B
 // in shared memory. The four rows of a thread are one pooling window in kWindows mode,
 // so the pool runs in registers and the pre-pool activation is never written.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 
 #include "bias_act/bias_act_math.h"
+#include "common/cuda_scalar.cuh"
 #include "conv2d/conv2d_kernel.h"
 
 namespace fastlayers::conv2d {
@@ -25,21 +24,9 @@ constexpr int kTileColumns = 64;
 constexpr int kTileDepth = 16;
 constexpr int kThreads = 256;
 
-template <class S> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class S> __device__ __forceinline__ S from_acc(typename Acc<S>::type v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+template <class S> using Acc = cuda::Compute<S>;
+using cuda::from_compute;
+using cuda::to_compute;
 
 // Offset of output pixel `pixel` (n, oh, ow)'s receptive-field corner in the image.
 __device__ __forceinline__ int64_t pixel_offset(const CudaGemmArgs& a, int64_t pixel) {
@@ -105,13 +92,13 @@ __global__ void __launch_bounds__(kThreads) offset_gemm_kernel(CudaGemmArgs a, i
       const bool t_ok = t < depth_end;
       const int64_t t_off = !t_ok ? 0 : M == CudaGemmMode::kWeightGrad ? pixel_offset(a, t) : field_offset(a, t);
       for (int i = 0; i < 4; ++i) {
-        a_tile[k_load][m_load + i] = row_ok[i] && t_ok ? to_acc(image[row_off[i] + t_off]) : T(0);
+        a_tile[k_load][m_load + i] = row_ok[i] && t_ok ? to_compute(image[row_off[i] + t_off]) : T(0);
       }
     }
     for (int e = threadIdx.x; e < kTileDepth * kTileColumns; e += kThreads) {
       const int k = e / kTileColumns, n = e % kTileColumns;
       const int64_t t = d0 + k, col = col0 + n;
-      b_tile[k][n] = t < depth_end && col < a.columns ? to_acc(b[t * a.ldb + col]) : T(0);
+      b_tile[k][n] = t < depth_end && col < a.columns ? to_compute(b[t * a.ldb + col]) : T(0);
     }
     __syncthreads();
 #pragma unroll
@@ -141,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) offset_gemm_kernel(CudaGemmArgs a, i
         if (r < rows) atomicAdd(c + r * a.ldc + col, acc[i][j]);
       }
     } else {
-      const T b_value = bias ? to_acc(bias[group * a.columns + col]) : T(0);
+      const T b_value = bias ? to_compute(bias[group * a.columns + col]) : T(0);
       T v[4];
       for (int i = 0; i < 4; ++i) {
         v[i] = acc[i][j] + b_value;
@@ -151,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) offset_gemm_kernel(CudaGemmArgs a, i
         S* c = static_cast<S*>(a.c) + group * a.c_group_stride;
         for (int i = 0; i < 4; ++i) {
           const int64_t r = row0 + ty * 4 + i;
-          if (r < rows) c[r * a.ldc + col] = from_acc<S>(v[i]);
+          if (r < rows) c[r * a.ldc + col] = from_compute<S>(v[i]);
         }
       } else {  // kWindows: rows ty*4 .. ty*4+3 are one window, pooled in scan order
         const int64_t window = (row0 + ty * 4) / 4;
@@ -165,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) offset_gemm_kernel(CudaGemmArgs a, i
             }
           }
           const int64_t out = window * all_columns + group * a.columns + col;
-          static_cast<S*>(a.pooled)[out] = from_acc<S>(m);
+          static_cast<S*>(a.pooled)[out] = from_compute<S>(m);
           a.argmax[out] = at;
         }
       }

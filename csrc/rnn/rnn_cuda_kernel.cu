@@ -3,10 +3,9 @@
 // current stream. One thread per (batch row, hidden unit); compute is float (double
 // for float64), storage float32/float64/float16/bfloat16; the math is rnn_math.h,
 // shared with the CPU kernels.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "common/cuda_scalar.cuh"
 #include "rnn/rnn_kernel.h"
 
 namespace fastlayers::rnn {
@@ -14,21 +13,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <class S> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
-
-__device__ __forceinline__ float to_compute(float v) { return v; }
-__device__ __forceinline__ double to_compute(double v) { return v; }
-__device__ __forceinline__ float to_compute(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_compute(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class S> __device__ __forceinline__ S from_compute(typename Compute<S>::type v);
-template <> __device__ __forceinline__ float from_compute<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_compute<double>(double v) { return v; }
-template <> __device__ __forceinline__ __half from_compute<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using cuda::Compute;
+using cuda::from_compute;
+using cuda::to_compute;
 
 template <class S>
 __global__ void lstm_forward_kernel(ForwardArgs args) {
