@@ -34,3 +34,19 @@ def _fixed_seed_and_backend():
     torch.manual_seed(0)
     with fastlayers.use_backend("kernels"):
         yield
+
+
+@pytest.fixture(params=["base", "avx2", "avx512"])
+def cpu_isa(request):
+    """Runs the test once per CPU ISA (base, avx2, avx512); skips those not compiled in
+    or not supported by this CPU."""
+    from fastlayers import _extension
+
+    if not _extension.available():
+        pytest.skip("extension not built")
+    if request.param not in _extension._C.available_cpu_isas():
+        pytest.skip(f"CPU ISA {request.param} not available here")
+    previous = _extension._C.cpu_isa()
+    _extension._C.set_cpu_isa(request.param)
+    yield request.param
+    _extension._C.set_cpu_isa(previous)

@@ -20,7 +20,7 @@ from fastlayers.ops.attention import (
     lse_dtype,
     scaled_dot_product_attention_reference,
 )
-from helpers import assert_no_worse_than_torch, cpu_isas, devices, requires_cuda_kernels, requires_extension
+from helpers import assert_no_worse_than_torch, devices, requires_cuda_kernels, requires_extension
 
 pytestmark = requires_extension
 
@@ -44,17 +44,6 @@ def native_sdpa(*args, **kwargs):
     """torch's SDPA on the math backend, the ground truth."""
     with sdpa_kernel(SDPBackend.MATH):
         return F.scaled_dot_product_attention(*args, **kwargs)
-
-
-@pytest.fixture(params=cpu_isas() or ["none"])
-def cpu_isa(request):
-    """Runs the test once per CPU ISA compiled in and supported here (base, avx2, avx512)."""
-    if request.param == "none":
-        pytest.skip("extension not built")
-    previous = _extension._C.cpu_isa()
-    _extension._C.set_cpu_isa(request.param)
-    yield request.param
-    _extension._C.set_cpu_isa(previous)
 
 
 def _qkv(B, H, Hkv, Lq, Lk, E, Ev, dtype, device="cpu"):

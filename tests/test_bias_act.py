@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 import fastlayers
-from fastlayers import _extension
 from fastlayers.ops.bias_act import (
     ACTIVATIONS,
     bias_act,
@@ -21,7 +20,6 @@ from helpers import (
     CUDA_DTYPES,
     assert_close_to_oracle,
     assert_no_worse_than_torch,
-    cpu_isas,
     devices,
     make_layout,
     requires_cuda_kernels,
@@ -63,17 +61,6 @@ def _inputs(shape, layout, dtype, device, with_bias, scale=2.0):
 
 def _oracle_forward(x, bias, activation):
     return bias_act_reference(x.double(), None if bias is None else bias.double(), activation)
-
-
-@pytest.fixture(params=cpu_isas() or ["none"])
-def cpu_isa(request):
-    """Runs the test once per CPU ISA compiled in and supported here (base, avx2, avx512)."""
-    if request.param == "none":
-        pytest.skip("extension not built")
-    previous = _extension._C.cpu_isa()
-    _extension._C.set_cpu_isa(request.param)
-    yield request.param
-    _extension._C.set_cpu_isa(previous)
 
 
 # ---- forward ----------------------------------------------------------------------

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import fastlayers
-from fastlayers import _extension
 from fastlayers.functional import conv1d, conv2d, conv2d_relu, conv2d_relu_max_pool2d
 from fastlayers.ops.conv2d import (
     conv2d_reference,
@@ -19,8 +18,6 @@ from fastlayers.ops.conv2d import (
 from helpers import (
     assert_close_to_oracle,
     assert_no_worse_than_torch,
-    cpu_isas,
-    devices,
     make_layout,
     requires_cuda_kernels,
     requires_extension,
@@ -149,17 +146,6 @@ def test_output_memory_format_is_the_one_torch_gives(name, input_format, weight_
     native = _native_forward(name, x, weight, bias, kwargs)
     for fmt in (torch.contiguous_format, torch.channels_last):
         assert y.is_contiguous(memory_format=fmt) == native.is_contiguous(memory_format=fmt)
-
-
-@pytest.fixture(params=cpu_isas() or ["none"])
-def cpu_isa(request):
-    """Runs the test once per CPU ISA compiled in and supported here (base, avx2, avx512)."""
-    if request.param == "none":
-        pytest.skip("extension not built")
-    previous = _extension._C.cpu_isa()
-    _extension._C.set_cpu_isa(request.param)
-    yield request.param
-    _extension._C.set_cpu_isa(previous)
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[8], CASES[11]], ids=["k5s2", "depthwise", "c70to100", "c33"])
@@ -501,6 +487,23 @@ def test_conv1d_module_is_a_drop_in_for_torch(kwargs):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     converted = fastlayers.nn.Conv1d.from_torch(theirs)
     torch.testing.assert_close(converted.weight, theirs.weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(stride=2, padding=1), dict(padding="same", dilation=2), dict(groups=2, padding="valid")],
+    ids=range(4),
+)
+def test_functional_conv1d_matches_torch_forward_and_backward(kwargs):
+    x = torch.randn(3, 4, 19, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4 // kwargs.get("groups", 1), 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    y = conv1d(x, weight, bias, **kwargs)
+    want = F.conv1d(x, weight, bias, **kwargs)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(want)
+    for got, ref in zip(torch.autograd.grad(y, (x, weight, bias), g), torch.autograd.grad(want, (x, weight, bias), g)):
+        torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("cls,post", [

@@ -11,7 +11,6 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 import fastlayers
 import fastlayers.nn as fnn
-from fastlayers import _extension
 from fastlayers.functional import lstm_cell, rnn_relu_cell, rnn_tanh_cell
 from fastlayers.ops.rnn import (
     lstm_cell_reference,
@@ -24,7 +23,6 @@ from helpers import (
     TOLERANCES,
     assert_close_to_oracle,
     assert_no_worse_than_torch,
-    cpu_isas,
     devices,
     requires_cuda_kernels,
     requires_extension,
@@ -35,17 +33,6 @@ pytestmark = requires_extension
 # Gradients pass through 2 GEMMs per step and the recurrence: allow float32 a little
 # more than one rounding per element.
 GRAD_TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 5e-6)}
-
-
-@pytest.fixture(params=cpu_isas() or ["none"])
-def cpu_isa(request):
-    """Runs the test once per CPU ISA compiled in and supported here (base, avx2, avx512)."""
-    if request.param == "none":
-        pytest.skip("extension not built")
-    previous = _extension._C.cpu_isa()
-    _extension._C.set_cpu_isa(request.param)
-    yield request.param
-    _extension._C.set_cpu_isa(previous)
 
 
 def _flatten(out):

@@ -59,7 +59,6 @@ class LSTM(torch.nn.RNNBase):
     def forward(self, input, hx=None):
         self._update_flat_weights()
         orig_input = input
-        num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         batch_sizes = None
         if isinstance(orig_input, PackedSequence):
