@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from fastlayers import _extension, functional, nn, ops  # noqa: F401
+from fastlayers import _extension, functional, models, nn, ops  # noqa: F401
 from fastlayers.backend import get_backend, set_backend, use_backend
 from fastlayers.info import format_info, info
 
-__all__ = ["__version__", "functional", "nn", "get_backend", "set_backend", "use_backend", "info", "format_info"]
+__all__ = ["__version__", "functional", "nn", "models", "get_backend", "set_backend", "use_backend", "info", "format_info"]
