@@ -313,10 +313,12 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
   result.grad_input = result.grad_input.view({steps, batch, input_size});
   result.grad_hx = grad_h;
   result.grad_cx = grad_c;
-  // Both weight gradients in one GEMM that reads dz once:
-  // [grad_w_ih | grad_w_hh]^T = [x_t | h_{t-1}]^T dz, [I + P, T*B] x [T*B, G*H], the
-  // small left factor transposed into place (x and the states shifted by one step).
-  at::Tensor inputs_t = at::empty({input_size + output_size, steps * batch}, x.options());
+  // The weight and bias gradients in one GEMM that reads dz once:
+  // [grad_w_ih | grad_w_hh | grad_bias]^T = [x_t | h_{t-1} | 1]^T dz,
+  // [I + P (+ 1), T*B] x [T*B, G*H], the small left factor transposed into place (x
+  // and the states shifted by one step; a row of ones sums dz over time and batch).
+  const int64_t bias_row = input_size + output_size;
+  at::Tensor inputs_t = at::empty({bias_row + (has_bias ? 1 : 0), steps * batch}, x.options());
   inputs_t.narrow(0, 0, input_size).copy_(x.view({steps * batch, input_size}).t());
   at::Tensor h_prev_t = inputs_t.narrow(0, input_size, output_size);
   h_prev_t.narrow(1, 0, batch).copy_(h0.t());
@@ -324,11 +326,12 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
     h_prev_t.narrow(1, batch, (steps - 1) * batch)
         .copy_(out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, output_size}).t());
   }
-  at::Tensor weight_grads_t = at::empty({input_size + output_size, gate_width}, x.options());
+  if (has_bias) inputs_t.select(0, bias_row).fill_(1);
+  at::Tensor weight_grads_t = at::empty({inputs_t.size(0), gate_width}, x.options());
   launch.matmul_out(weight_grads_t, inputs_t, dz, false);
   result.grad_w_ih = weight_grads_t.narrow(0, 0, input_size).t().contiguous();
   result.grad_w_hh = weight_grads_t.narrow(0, input_size, output_size).t().contiguous();
-  result.grad_bias = has_bias ? dz.sum(0) : at::empty({0}, x.options());
+  result.grad_bias = has_bias ? weight_grads_t.select(0, bias_row).clone() : at::empty({0}, x.options());
   if (w_hr.defined()) {
     const at::Tensor h_full = gate_values.narrow(2, 3 * hidden, hidden) * at::tanh(cell_states);
     result.grad_w_hr = at::empty({output_size, hidden}, x.options());
