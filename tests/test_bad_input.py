@@ -208,6 +208,10 @@ CONV2D = [
     _conv_row("channels_last_input", lambda: (_x(*X4).contiguous(memory_format=torch.channels_last), _x(*W4))),
     _conv_row("channels_last_weight", lambda: (_x(*X4), _x(*W4).contiguous(memory_format=torch.channels_last))),
     _conv_row("strided_bias", lambda: (_x(*X4), _x(*W4), _x(8)[::2])),
+    _conv_row("zero_width_with_padding", lambda: (_x(2, 3, 1, 0), _x(4, 3, 1, 1)), {"padding": (0, 1)},
+              r"only zero batch or zero channel inputs"),
+    _conv_row("zero_height_with_padding_strided", lambda: (_x(2, 3, 0, 2), _x(4, 3, 1, 1)),
+              {"padding": (1, 0), "stride": 2}, r"only zero batch or zero channel inputs"),
     _conv_row("one_by_one_image", lambda: (_x(2, 3, 1, 1), _x(4, 3, 1, 1)), {"stride": 3, "dilation": 2}),
 ]
 
@@ -224,6 +228,24 @@ def _relu_pool_twin(*args, **kwargs):
 def _twin_row(name, ours, native, args, kwargs=None, match=None):
     kwargs = kwargs or {}
     return (name, args, lambda *a: ours(*a, **kwargs), lambda *a: native(*a, **kwargs), match)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, kwargs",
+    [
+        ((0, 3, 6, 6), W4, {}),
+        ((0, 4, 5, 7), (6, 2, 3, 2), {"padding": 1, "stride": (2, 1), "groups": 2}),
+        ((0, 4, 0, 0), (4, 1, 1, 1), {"padding": 1, "groups": 4}),
+    ],
+)
+def test_conv2d_gradients_match_torch_on_empty_batch(x_shape, w_shape, kwargs):
+    x, w, b = _x(*x_shape).requires_grad_(True), _x(*w_shape).requires_grad_(True), _x(w_shape[0])
+    b.requires_grad_(True)
+    out, ref = conv2d(x, w, b, **kwargs), F.conv2d(x, w, b, **kwargs)
+    torch.testing.assert_close(out, ref)
+    grad_out = torch.randn_like(ref)
+    for g, r in zip(torch.autograd.grad(out, (x, w, b), grad_out), torch.autograd.grad(ref, (x, w, b), grad_out)):
+        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize("call", [conv2d, conv2d_relu, conv2d_relu_max_pool2d])
@@ -293,6 +315,9 @@ RAW_CONV = [
      None, (RuntimeError, r"groups")),
     ("conv2d_zero_out_channels", tuple, lambda: ops.conv2d(_x(*X4), _x(0, 3, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, False),
      None, (RuntimeError, r"weight")),
+    ("conv2d_zero_width", tuple,
+     lambda: ops.conv2d(_x(2, 3, 1, 0), _x(4, 3, 1, 1), None, [1, 1], [0, 1], [1, 1], 1, False),
+     None, (RuntimeError, r"only zero batch")),
     ("conv2d_zero_in_channels", tuple,
      lambda: ops.conv2d(_x(2, 0, 6, 6), _x(4, 0, 3, 3), None, [1, 1], [0, 0], [1, 1], 1, False),
      None, (RuntimeError, r"0 input channels")),
@@ -357,6 +382,14 @@ RAW_CONV = [
 @pytest.mark.parametrize("row", _rows(RAW_CONV))
 def test_raw_conv_ops_reject_bad_input_clearly(row):
     _run_row(row)
+
+
+@pytest.mark.parametrize("stride, out_width", [(1, 2), (2, 1)])
+def test_raw_conv2d_backward_input_of_an_input_without_pixels_is_empty(stride, out_width):
+    # Padding alone gives the output its width; the input has no pixel.
+    grad = ops.conv2d_backward_input(_go(2, 4, 1, out_width), _x(4, 3, 1, 1), [2, 3, 1, 0], [1, stride], [0, 1],
+                                     [1, 1], 1)
+    assert grad.shape == (2, 3, 1, 0)
 
 
 @pytest.mark.parametrize(
@@ -755,6 +788,19 @@ def test_multihead_attention_matches_torch_on_bad_and_unusual_input(kwargs, make
     if q.dtype == torch.float64:
         native, ours = native.double(), ours.double()
     assert_like_torch(lambda: ours(q, k, v, **forward_kwargs), lambda: native(q, k, v, **forward_kwargs))
+
+
+def test_multihead_attention_zero_batch_with_key_padding_mask_gives_empty_output():
+    # torch raises here with need_weights=False (its view(bsz, num_heads, -1, src_len) of
+    # the merged mask is ambiguous for 0 elements) and returns the empty output with
+    # need_weights=True; fastlayers returns the empty output either way.
+    native, ours = _mha_pair()
+    x, pad = _x(5, 0, 8), torch.zeros(0, 5, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="ambiguous"):
+        native(x, x, x, key_padding_mask=pad, need_weights=False)
+    for need_weights in (False, True):
+        out, _ = ours(x, x, x, key_padding_mask=pad, need_weights=need_weights)
+        assert out.shape == (5, 0, 8)
 
 
 @pytest.mark.parametrize(

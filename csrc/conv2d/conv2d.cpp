@@ -107,6 +107,8 @@ Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor
   kernel_dtype(input, op, "input");
   check_same(op, input, "weight", weight);
   Geometry g = make_geometry(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
+  TORCH_CHECK(g.batch == 0 || (g.height > 0 && g.width > 0), op,
+              ": only zero batch or zero channel inputs are supported, but got input shape: ", input.sizes());
   if (bias.has_value()) {
     check_same(op, input, "bias", *bias);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, op, ": expected bias of shape [",
@@ -410,6 +412,9 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   const at::Tensor go = to_compute(grad_output);
   const at::Tensor w =
       to_compute(weight).reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  // An input without pixels (the padding alone gives the output its size) has no
+  // phase to run; its gradient is empty.
+  if (g.height == 0 || g.width == 0) return at::zeros(input_size, grad_output.options());
   const bool single_phase = g.stride_h == 1 && g.stride_w == 1;
   at::Tensor grad_input;
   if (!single_phase) {

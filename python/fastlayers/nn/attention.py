@@ -151,7 +151,7 @@ def _multi_head_attention_forward(
         if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(0)
         else:
-            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+            attn_mask = attn_mask.view(bsz, num_heads, attn_mask.size(1), src_len)
     q = q.view(bsz, num_heads, tgt_len, head_dim)
     k = k.view(bsz, num_heads, src_len, head_dim)
     v = v.view(bsz, num_heads, src_len, head_dim)

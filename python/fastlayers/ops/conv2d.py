@@ -124,6 +124,10 @@ def check_args(input, weight, bias, stride, padding, dilation, groups, op="conv2
             f"{op}: a convolution over 0 input channels is not supported, got input of shape "
             f"{list(input.shape)} and weight of shape {list(weight.shape)}"
         )
+    if input.shape[0] != 0 and (input.shape[2] == 0 or input.shape[3] == 0):
+        raise RuntimeError(
+            f"{op}: only zero batch or zero channel inputs are supported, but got input shape: {list(input.shape)}"
+        )
     spans = [d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[2:])]
     padded = [input.shape[2 + i] + 2 * padding[i] for i in range(2)]
     if padded[0] < spans[0] or padded[1] < spans[1]:
