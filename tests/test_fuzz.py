@@ -222,8 +222,8 @@ def test_fuzz_conv1d_matches_reference(batch, channels, out_channels, length, ke
                                        dtype, layout):
     if padding == "same":
         stride = 1
-    if padding in (0, "valid"):
-        length = max(length, dilation * (kernel - 1) + 1)
+    if padding != "same":  # the padded input must hold the kernel's span
+        length = max(length, dilation * (kernel - 1) + 1 - 2 * (0 if padding == "valid" else padding))
     x = _leaf([batch, channels, length], dtype)
     w = _leaf([out_channels, channels, kernel], dtype)
     b = _leaf([out_channels], dtype)
