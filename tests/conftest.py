@@ -1,4 +1,5 @@
 import os
+import sys
 
 import pytest
 import torch
@@ -50,3 +51,12 @@ def cpu_isa(request):
     _extension._C.set_cpu_isa(request.param)
     yield request.param
     _extension._C.set_cpu_isa(previous)
+
+
+def pytest_terminal_summary(terminalreporter):
+    # tests/test_fuzz.py counts the hypothesis cases it ran (both budgets: default and
+    # FASTLAYERS_FUZZ_EXAMPLES).
+    fuzz = sys.modules.get("test_fuzz")
+    if fuzz is not None and fuzz.CASES:
+        parts = ", ".join(f"{name} {count}" for name, count in sorted(fuzz.CASES.items()))
+        terminalreporter.write_line(f"fuzz cases run: {sum(fuzz.CASES.values())} ({parts})")

@@ -49,6 +49,12 @@ Geometry make_geometry(const char* op, at::IntArrayRef input_size, at::IntArrayR
   TORCH_CHECK(input_size.size() == 4, op, ": expected a 4-D input (N, C, H, W), got shape ", input_size);
   TORCH_CHECK(weight_size.size() == 4, op, ": expected a 4-D weight (C_out, C_in / groups, kH, kW), got shape ",
               weight_size);
+  // The backward ops take these sizes as int[] arguments: negative ones would turn
+  // the shape checks below into nonsense (and -1 / 2 == 0 in C++).
+  TORCH_CHECK(std::all_of(input_size.begin(), input_size.end(), [](int64_t s) { return s >= 0; }), op,
+              ": input_size must be non-negative, got ", input_size);
+  TORCH_CHECK(std::all_of(weight_size.begin(), weight_size.end(), [](int64_t s) { return s >= 0; }), op,
+              ": weight_size must be non-negative, got ", weight_size);
   Geometry g;
   g.batch = input_size[0];
   g.in_channels = input_size[1];
@@ -64,11 +70,17 @@ Geometry make_geometry(const char* op, at::IntArrayRef input_size, at::IntArrayR
   g.dilation_h = dilation[0];
   g.dilation_w = dilation[1];
   g.groups = groups;
+  TORCH_CHECK(g.out_channels >= groups, op, ": given groups=", groups, ", expected weight to be at least ", groups,
+              " at dimension 0, but got weight of size ", weight_size, " instead");
   TORCH_CHECK(g.out_channels % groups == 0, op, ": given groups=", groups, ", expected weight to be divisible by ",
               groups, " at dimension 0, but got weight of shape ", weight_size);
   TORCH_CHECK(g.in_channels == weight_size[1] * groups, op, ": given groups=", groups, ", weight of size ",
               weight_size, ", expected input", input_size, " to have ", weight_size[1] * groups,
               " channels, but got ", g.in_channels, " channels instead");
+  // torch returns a tensor of 0 output channels here, contradicting its weight; an
+  // error is clearer than either that shape or the bias broadcast the math would give.
+  TORCH_CHECK(g.in_channels > 0, op, ": a convolution over 0 input channels is not supported, got input of shape ",
+              input_size, " and weight of shape ", weight_size);
   TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0, op, ": weight must have a non-empty kernel, got shape ",
               weight_size);
   const int64_t span_h = g.dilation_h * (g.kernel_h - 1) + 1;
@@ -95,6 +107,8 @@ Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor
   kernel_dtype(input, op, "input");
   check_same(op, input, "weight", weight);
   Geometry g = make_geometry(op, input.sizes(), weight.sizes(), stride, padding, dilation, groups);
+  TORCH_CHECK(g.batch == 0 || (g.height > 0 && g.width > 0), op,
+              ": only zero batch or zero channel inputs are supported, but got input shape: ", input.sizes());
   if (bias.has_value()) {
     check_same(op, input, "bias", *bias);
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.out_channels, op, ": expected bias of shape [",
@@ -398,6 +412,9 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   const at::Tensor go = to_compute(grad_output);
   const at::Tensor w =
       to_compute(weight).reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  // An input without pixels (the padding alone gives the output its size) has no
+  // phase to run; its gradient is empty.
+  if (g.height == 0 || g.width == 0) return at::zeros(input_size, grad_output.options());
   const bool single_phase = g.stride_h == 1 && g.stride_w == 1;
   at::Tensor grad_input;
   if (!single_phase) {
@@ -660,6 +677,8 @@ at::Tensor conv2d_relu_max_pool2d_backward_cpu(const at::Tensor& grad_output, co
   kernel_dtype(output, op, "output");
   check_same(op, output, "grad_output", grad_output);
   TORCH_CHECK(conv_size.size() == 4, op, ": conv_size must have 4 elements, got ", conv_size);
+  TORCH_CHECK(std::all_of(conv_size.begin(), conv_size.end(), [](int64_t s) { return s >= 0; }), op,
+              ": conv_size must be non-negative, got ", conv_size);
   TORCH_CHECK(output.dim() == 4 && output.size(0) == conv_size[0] && output.size(1) == conv_size[1] &&
                   output.size(2) == conv_size[2] / 2 && output.size(3) == conv_size[3] / 2,
               op, ": output of shape ", output.sizes(), " is not the 2x2 pooling of ", conv_size);

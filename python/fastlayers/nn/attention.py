@@ -139,7 +139,7 @@ def _multi_head_attention_forward(
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-        out = F.linear(out, module.out_proj.weight, module.out_proj.bias).view(tgt_len, bsz, -1)
+        out = F.linear(out, module.out_proj.weight, module.out_proj.bias).unflatten(0, (tgt_len, bsz))
         weights = weights.view(bsz, num_heads, tgt_len, src_len)
         if average_attn_weights:
             weights = weights.mean(dim=1)
@@ -151,13 +151,13 @@ def _multi_head_attention_forward(
         if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(0)
         else:
-            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+            attn_mask = attn_mask.view(bsz, num_heads, attn_mask.size(1), src_len)
     q = q.view(bsz, num_heads, tgt_len, head_dim)
     k = k.view(bsz, num_heads, src_len, head_dim)
     v = v.view(bsz, num_heads, src_len, head_dim)
     out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
     out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-    out = F.linear(out, module.out_proj.weight, module.out_proj.bias).view(tgt_len, bsz, -1)
+    out = F.linear(out, module.out_proj.weight, module.out_proj.bias).unflatten(0, (tgt_len, bsz))
     if not is_batched:
         out = out.squeeze(1)
     return out, None

@@ -104,6 +104,11 @@ def check_args(input, weight, bias, stride, padding, dilation, groups, op="conv2
             raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}")
         if t.dtype != input.dtype:
             raise RuntimeError(f"{op}: input type ({input.dtype}) and {name} type ({t.dtype}) should be the same")
+    if weight.shape[0] < groups:
+        raise RuntimeError(
+            f"{op}: given groups={groups}, expected weight to be at least {groups} at dimension 0, "
+            f"but got weight of size {list(weight.shape)} instead"
+        )
     if weight.shape[0] % groups != 0:
         raise RuntimeError(
             f"{op}: given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
@@ -113,6 +118,15 @@ def check_args(input, weight, bias, stride, padding, dilation, groups, op="conv2
         raise RuntimeError(
             f"{op}: given groups={groups}, weight of size {list(weight.shape)}, expected input{list(input.shape)} "
             f"to have {weight.shape[1] * groups} channels, but got {input.shape[1]} channels instead"
+        )
+    if input.shape[1] == 0:
+        raise RuntimeError(
+            f"{op}: a convolution over 0 input channels is not supported, got input of shape "
+            f"{list(input.shape)} and weight of shape {list(weight.shape)}"
+        )
+    if input.shape[0] != 0 and (input.shape[2] == 0 or input.shape[3] == 0):
+        raise RuntimeError(
+            f"{op}: only zero batch or zero channel inputs are supported, but got input shape: {list(input.shape)}"
         )
     spans = [d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[2:])]
     padded = [input.shape[2 + i] + 2 * padding[i] for i in range(2)]
