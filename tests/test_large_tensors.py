@@ -68,8 +68,8 @@ def test_bias_act_beyond_two_to_the_31_elements():
 
 def test_attention_output_beyond_two_to_the_31_elements():
     _require_memory(6)  # a 4 GiB bfloat16 output; the inputs are broadcast views
-    batch, heads, q_len, kv_len, head_dim, value_dim = 2**19, 1, 64, 3, 8, 64
-    assert batch * heads * q_len * value_dim >= 2**31
+    batch, heads, q_len, kv_len, head_dim, value_dim = 2**19 + 1, 1, 64, 3, 8, 64
+    assert batch * heads * q_len * value_dim > 2**31
     gen = torch.Generator().manual_seed(0)
     q1 = torch.randn(1, heads, q_len, head_dim, generator=gen).to(torch.bfloat16)
     k1 = torch.randn(1, heads, kv_len, head_dim, generator=gen).to(torch.bfloat16)
@@ -79,7 +79,7 @@ def test_attention_output_beyond_two_to_the_31_elements():
     k = k1.expand(batch, -1, -1, -1)
     v = v1.expand(batch, -1, -1, -1)
     out = scaled_dot_product_attention(q, k, v)
-    assert out.numel() >= 2**31
+    assert out.numel() > 2**31
     expected = scaled_dot_product_attention_reference(q1.double(), k1.double(), v1.double())
     rtol, atol = TOLERANCES[torch.bfloat16]
     for b in (0, batch // 2, batch - 2, batch - 1):
