@@ -22,6 +22,11 @@ void check_cuda_limits(const Shape& s, const char* op) {
               s.value_dim, " (fastlayers.functional.scaled_dot_product_attention runs the reference for them)");
   TORCH_CHECK(ceil_div(std::max(s.q_len, s.kv_len), 8) <= 65535, op,
               ": sequence lengths up to 524280 on CUDA, got query length ", s.q_len, " and key length ", s.kv_len);
+  // Grid x is (batch, head) pairs, and (batch, head, query row) / 4 for the row-dot pass:
+  // CUDA allows 2^31 - 1 blocks along x.
+  constexpr int64_t kMaxGridX = 0x7fffffff;
+  TORCH_CHECK(s.batch * s.heads <= kMaxGridX && ceil_div(s.batch * s.heads * s.q_len, 4) <= kMaxGridX, op,
+              ": batch * heads (", s.batch, " * ", s.heads, ") and batch * heads * query length / 4 must be below 2^31 on CUDA");
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query, const at::Tensor& key,

@@ -8,7 +8,8 @@
 //   (a + s i, b + s j), with the taps that reach them (no work on zeros).
 // * grad-weight: rows = (kh, kw, ci), depth = output pixels, B = grad_output as
 //   [pixel][co]; the pixels are split into chunks whose partial sums are added in
-//   chunk order (deterministic for a given shape and thread count).
+//   chunk order (the chunks depend on the shape only: the same bits for any thread
+//   count).
 // * depthwise (one channel in and out a group): kernels vectorized along the
 //   channels instead of the GEMM, for the forward, grad-input and grad-weight.
 // * conv2d_relu_max_pool2d: the forward with rows ordered window by window, four
@@ -468,6 +469,18 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   return grad_input.to(grad_output.scalar_type());
 }
 
+// How many chunks of output pixels a grad-weight pass reduces separately (their partial
+// sums are then added in chunk order). A function of the shape only, never of the
+// thread count: the result is then bitwise the same for any torch.set_num_threads.
+// At least 256 pixels a chunk, at most 32 chunks (enough tasks for 32 threads even
+// for a single row block), and the partials (chunks x `weight_elements`) within
+// 4M elements, so a large layer reduces in one chunk and parallelizes over rows.
+int64_t weight_grad_chunks(int64_t pixels, int64_t weight_elements) {
+  constexpr int64_t kMaxChunks = 32, kMinChunkPixels = 256, kPartialsBudget = int64_t{1} << 22;
+  const int64_t by_memory = kPartialsBudget / std::max<int64_t>(1, weight_elements);
+  return std::max<int64_t>(1, std::min({kMaxChunks, pixels / kMinChunkPixels, by_memory}));
+}
+
 // Depthwise grad-weight: chunks of output pixels, each reduced by the channel-vectorized
 // kernel into [taps][C] partial sums, added in chunk order.
 at::Tensor depthwise_weight_grad_cpu(const ConvPass& p, const at::Tensor& grad_output, const Geometry& g,
@@ -476,8 +489,9 @@ at::Tensor depthwise_weight_grad_cpu(const ConvPass& p, const at::Tensor& grad_o
   const at::Tensor go = place_nhwc(grad_output, g.out_h, g.out_w, 0, 0, 1, 1);  // [pixels][C]
   const std::vector<int64_t> pixel_offs = pixel_offsets(p);
   const std::vector<int64_t> tap_offs = field_offsets(p);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(8 * at::get_num_threads(), pixels / 256));
+  int64_t chunks = weight_grad_chunks(pixels, taps * g.out_channels);
   const int64_t chunk_pixels = (pixels + chunks - 1) / chunks;
+  chunks = (pixels + chunk_pixels - 1) / chunk_pixels;
   at::Tensor partials = at::zeros({chunks, taps, g.out_channels}, go.options());
   const CpuKernels& kernels = conv2d_cpu_kernels_select();
   const int64_t elem = go.element_size();
@@ -531,9 +545,7 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   }
   const int64_t row_block = rows_per_task(field, g.groups);
   const int64_t row_blocks = (field + row_block - 1) / row_block;
-  const int64_t target_tasks = 8 * at::get_num_threads();
-  int64_t chunks = std::max<int64_t>(1, target_tasks / (g.groups * row_blocks));
-  chunks = std::min(chunks, std::max<int64_t>(1, pixels / 256));
+  int64_t chunks = weight_grad_chunks(pixels, g.groups * field * g.out_per_group());
   const int64_t chunk_pixels = (pixels + chunks - 1) / chunks;
   chunks = pixels == 0 ? 1 : (pixels + chunk_pixels - 1) / chunk_pixels;
   // [chunks, G, field, C_out/G]: partial sums over chunks of output pixels

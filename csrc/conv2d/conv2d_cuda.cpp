@@ -8,6 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+
 #include "common/torch_utils.h"
 #include "conv2d/conv2d.h"
 
@@ -17,6 +20,19 @@ namespace {
 void check_launch(int status, const char* op) {
   auto error = static_cast<cudaError_t>(status);
   TORCH_CHECK(error == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(error));
+}
+
+// The implicit GEMM's grid is (row tiles, column tiles, groups x depth splits): CUDA
+// allows 2^31 - 1 blocks along x and 65535 along y and z.
+void check_grid_limits(const char* op, const Geometry& g) {
+  TORCH_CHECK(g.groups <= 65535, op, ": the CUDA kernels take up to 65535 groups, got groups=", g.groups);
+  const int64_t column_tiles = (std::max(g.out_per_group(), g.in_per_group()) + 63) / 64;
+  TORCH_CHECK(column_tiles <= 65535, op, ": the CUDA kernels take up to ", 65535 * 64,
+              " channels a group, got ", g.in_per_group(), " in and ", g.out_per_group(), " out");
+  const int64_t pixels = std::max(g.batch * g.out_h * g.out_w, g.batch * g.height * g.width);
+  const int64_t field = std::max(g.kernel_h * g.kernel_w * g.in_per_group(), g.kernel_h * g.kernel_w * g.out_per_group());
+  TORCH_CHECK((std::max(pixels, field) + 63) / 64 <= std::numeric_limits<int32_t>::max(), op,
+              ": too many output pixels for one CUDA grid: ", pixels);
 }
 
 // [N, C, H, W] -> a zero [N, rows, cols, C] image with element (i, j) at
@@ -79,6 +95,7 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        bool relu) {
   const Geometry g = check_forward("conv2d", input, weight, bias, stride, padding, dilation, groups);
+  check_grid_limits("conv2d", g);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor image = place_nhwc(input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.pad_h, g.pad_w, 1, 1);
   at::Tensor packed = pack_weight(weight, g);
@@ -114,6 +131,7 @@ at::Tensor conv2d_backward_input_cuda(const at::Tensor& grad_output, const at::T
   check_same(op, grad_output, "weight", weight);
   const Geometry g = make_geometry(op, input_size, weight.sizes(), stride, padding, dilation, groups);
   check_grad_output(op, grad_output, g);
+  check_grid_limits(op, g);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   at::Tensor image = place_nhwc(grad_output, g.height + g.dilation_h * (g.kernel_h - 1),
                                 g.width + g.dilation_w * (g.kernel_w - 1), g.dilation_h * (g.kernel_h - 1) - g.pad_h,
@@ -147,6 +165,7 @@ at::Tensor conv2d_backward_weight_cuda(const at::Tensor& grad_output, const at::
   check_same(op, input, "grad_output", grad_output);
   const Geometry g = make_geometry(op, input.sizes(), weight_size, stride, padding, dilation, groups);
   check_grad_output(op, grad_output, g);
+  check_grid_limits(op, g);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor image = place_nhwc(input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.pad_h, g.pad_w, 1, 1);
   at::Tensor go = grad_output.permute({0, 2, 3, 1}).contiguous();  // [pixels][C_out]
@@ -162,6 +181,9 @@ at::Tensor conv2d_backward_weight_cuda(const at::Tensor& grad_output, const at::
   a.ldc = g.out_per_group();
   a.c_group_stride = field * g.out_per_group();
   a.columns = g.out_per_group();
+  // Under torch.use_deterministic_algorithms(True): no depth split, so every element of
+  // acc gets exactly one atomicAdd (onto 0) and the result is the same on every run.
+  a.single_split = at::globalContext().deterministicAlgorithms();
   check_launch(launch_offset_gemm_cuda(a, at::cuda::getCurrentCUDAStream().stream()), op);
   // [G, kh, kw, ci, co] -> [G, co, ci, kh, kw]
   return acc.reshape({g.groups, g.kernel_h, g.kernel_w, g.in_per_group(), g.out_per_group()})
@@ -187,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cuda(const at::Tensor&
   const Geometry g = check_forward(op, input, weight, bias, stride, padding, dilation, groups);
   TORCH_CHECK(g.out_h >= 2 && g.out_w >= 2, op, ": the convolution output (", g.out_h, " x ", g.out_w,
               ") is smaller than the 2x2 pooling window");
+  check_grid_limits(op, g);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor image = place_nhwc(input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.pad_h, g.pad_w, 1, 1);
   at::Tensor packed = pack_weight(weight, g);
@@ -223,16 +246,22 @@ at::Tensor conv2d_relu_max_pool2d_backward_cuda(const at::Tensor& grad_output, c
               ": argmax must be uint8 of shape ", output.sizes(), ", got ", argmax.scalar_type(), " ",
               argmax.sizes());
   const c10::cuda::CUDAGuard guard(output.device());
-  // Window (ph, pw), position q -> flat index (2 ph + q / 2) * W + 2 pw + q % 2 of the conv plane.
-  const auto long_opts = argmax.options().dtype(at::kLong);
-  at::Tensor rows = at::arange(output.size(2), long_opts).mul(2).view({1, 1, -1, 1});
-  at::Tensor cols = at::arange(output.size(3), long_opts).mul(2).view({1, 1, 1, -1});
-  at::Tensor q = argmax.to(at::kLong);
-  at::Tensor indices = (rows + q.div(2, "floor")).mul(conv_size[3]).add(cols).add(q.remainder(2));
   // threshold_backward's rule: the gradient passes unless the output is <= 0.
   at::Tensor masked = at::where(output.le(0), at::zeros_like(grad_output), grad_output);
-  return at::max_unpool2d(masked.contiguous(), indices.contiguous(), {conv_size[2], conv_size[3]})
-      .contiguous(at::MemoryFormat::ChannelsLast);
+  // A gather, not max_unpool2d's scatter (which torch flags as nondeterministic): pixel
+  // (dy, dx) of window (ph, pw), i.e. conv pixel (2 ph + dy, 2 pw + dx), takes the
+  // window's gradient when argmax == 2 dy + dx. Viewed [N, C, ph, dy, pw, dx].
+  const int64_t pooled_h = output.size(2), pooled_w = output.size(3);
+  at::Tensor position = at::arange(4, argmax.options()).view({1, 1, 1, 2, 1, 2});
+  at::Tensor hit = argmax.unsqueeze(3).unsqueeze(5).eq(position);
+  at::Tensor windows = at::where(hit, masked.unsqueeze(3).unsqueeze(5), 0.0);
+  // Conv pixels outside every window (odd last row / column) get 0.
+  at::Tensor grad_conv = at::zeros({conv_size[0], conv_size[1], conv_size[2], conv_size[3]},
+                                   grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
+  grad_conv.narrow(2, 0, 2 * pooled_h)
+      .narrow(3, 0, 2 * pooled_w)
+      .copy_(windows.reshape({conv_size[0], conv_size[1], 2 * pooled_h, 2 * pooled_w}));
+  return grad_conv;
 }
 
 }  // namespace

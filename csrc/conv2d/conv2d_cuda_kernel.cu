@@ -3,6 +3,9 @@
 // atomically accumulated) and the fused 2x2 max-pool epilogue. Includes no torch
 // headers; the glue in conv2d_cuda.cpp allocates and passes the current stream.
 //
+// grad-weight under torch.use_deterministic_algorithms(True) runs unsplit (each C
+// element gets one atomicAdd onto 0), which makes it deterministic.
+//
 // A block computes a kTileRows x kTileColumns tile of C with 256 threads, each 4 rows x
 // 4 columns (columns strided by 16 so that stores are coalesced along the channels);
 // per kTileDepth step the block stages A (gathered through the decoded offsets) and B
@@ -174,11 +177,15 @@ int launch_typed(const CudaGemmArgs& a, cudaStream_t stream) {
   const int64_t row_tiles = (rows + kTileRows - 1) / kTileRows;
   const int64_t column_tiles = (a.columns + kTileColumns - 1) / kTileColumns;
   int64_t splits = 1;
-  if (a.mode == CudaGemmMode::kWeightGrad) {
-    // Enough blocks to fill a large GPU, each reducing at least 256 pixels.
+  if (a.mode == CudaGemmMode::kWeightGrad && !a.single_split) {
+    // Enough blocks to fill a large GPU, each reducing at least 256 pixels; the split
+    // blocks of one C element add their sums atomically, in no fixed order.
     const int64_t blocks = row_tiles * column_tiles * a.groups;
     splits = std::max<int64_t>(1, std::min<int64_t>((depth + 255) / 256, (1024 + blocks - 1) / blocks));
-    splits = std::min<int64_t>(splits, 65535 / a.groups);
+    splits = std::max<int64_t>(1, std::min<int64_t>(splits, 65535 / a.groups));
+  }
+  if (row_tiles > 0x7fffffff || column_tiles > 65535 || a.groups * splits > 65535) {
+    return int(cudaErrorInvalidConfiguration);  // the glue's checks keep shapes below these limits
   }
   const int64_t per_split = std::max<int64_t>(1, (depth + splits - 1) / splits);
   const dim3 grid(unsigned(row_tiles), unsigned(column_tiles), unsigned(a.groups * splits));

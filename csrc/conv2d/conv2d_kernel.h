@@ -153,6 +153,9 @@ struct CudaGemmArgs {
   bool relu = false;
   void* pooled = nullptr;      // kWindows: [windows][groups * columns]
   uint8_t* argmax = nullptr;   // kWindows: [windows][groups * columns]
+  // kWeightGrad: one block reduces all of the depth for its C elements (no split), so
+  // each element receives exactly one atomicAdd onto the zeroed C: deterministic.
+  bool single_split = false;
 };
 
 // Returns a cudaError_t as int (0 = success); `stream` is a cudaStream_t.

@@ -1,0 +1,87 @@
+"""64-bit indexing: ops on tensors of more than 2^31 elements address every element.
+
+Every CPU kernel computes offsets in int64_t (loop counters, strides and their
+products); the CUDA kernels index with int64_t too and check their grid limits
+(2^31 - 1 blocks along x, 65535 along y and z) with a clear error before launching.
+These tests run an op whose output has more than 2^31 elements and compare its last
+elements, the ones a 32-bit offset would wrap around for, with the reference. They
+need about 9 GiB of free memory, so they are marked slow and skip when
+/proc/meminfo's MemAvailable is lower.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlayers.functional import bias_act, scaled_dot_product_attention
+from fastlayers.ops.attention import scaled_dot_product_attention_reference
+from fastlayers.ops.bias_act import bias_act_reference
+from helpers import TOLERANCES, requires_extension
+
+pytestmark = [requires_extension, pytest.mark.slow]
+
+BEYOND_INT32 = 2**31 + 1024  # elements
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _require_memory(gib: float):
+    if available_memory_bytes() < gib * 2**30:
+        pytest.skip(f"needs {gib} GiB of available memory, /proc/meminfo has {available_memory_bytes() / 2**30:.1f}")
+
+
+def _pattern(begin: int, end: int) -> torch.Tensor:
+    """Values in [-5, 5] that vary along the tensor: (position mod 251 - 125) / 25."""
+    return torch.arange(begin, end, dtype=torch.int64).remainder_(251).sub_(125).to(torch.float32).div_(25)
+
+
+def test_bias_act_beyond_two_to_the_31_elements():
+    _require_memory(10)  # input and output of 4 GiB each, plus slack
+    channels = 4
+    x = torch.empty(1, channels, BEYOND_INT32 // channels, dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    length, chunk = x.size(2), 2**26
+    for begin in range(0, length, chunk):
+        x[0, :, begin : begin + chunk] = _pattern(begin, min(length, begin + chunk)).to(torch.bfloat16)
+    bias = torch.tensor([0.5, -1.0, 2.0, -0.25], dtype=torch.bfloat16)
+    y = bias_act(x, bias, "silu")
+    del x
+    # The last elements of every plane (those of the last plane lie beyond element 2^31)
+    # against the reference on the same values.
+    tail = 4096
+    xs = _pattern(length - tail, length).to(torch.bfloat16).view(1, 1, -1)
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    for c in range(channels):
+        expected = bias_act_reference(xs.double(), bias[c : c + 1].double(), "silu")
+        torch.testing.assert_close(y[:, c : c + 1, -tail:].double(), expected, rtol=rtol, atol=atol)
+
+
+def test_attention_output_beyond_two_to_the_31_elements():
+    _require_memory(6)  # a 4 GiB bfloat16 output; the inputs are broadcast views
+    batch, heads, q_len, kv_len, head_dim, value_dim = 2**19 + 1, 1, 64, 3, 8, 64
+    assert batch * heads * q_len * value_dim > 2**31
+    gen = torch.Generator().manual_seed(0)
+    q1 = torch.randn(1, heads, q_len, head_dim, generator=gen).to(torch.bfloat16)
+    k1 = torch.randn(1, heads, kv_len, head_dim, generator=gen).to(torch.bfloat16)
+    v1 = torch.randn(1, heads, kv_len, value_dim, generator=gen).to(torch.bfloat16)
+    # Every batch entry is the same (stride 0): each must produce the same output rows.
+    q = q1.expand(batch, -1, -1, -1)
+    k = k1.expand(batch, -1, -1, -1)
+    v = v1.expand(batch, -1, -1, -1)
+    out = scaled_dot_product_attention(q, k, v)
+    assert out.numel() > 2**31
+    expected = scaled_dot_product_attention_reference(q1.double(), k1.double(), v1.double())
+    rtol, atol = TOLERANCES[torch.bfloat16]
+    for b in (0, batch // 2, batch - 2, batch - 1):
+        torch.testing.assert_close(out[b : b + 1].double(), expected, rtol=rtol, atol=atol)
+    assert torch.equal(out[0], out[-1])
