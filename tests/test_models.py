@@ -30,7 +30,10 @@ class NativeCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         side = image_size // 2 ** len(channels)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(channels[-1] * side * side, hidden_size), nn.ReLU(), nn.Linear(hidden_size, num_classes)
+            nn.Flatten(),
+            nn.Linear(channels[-1] * side * side, hidden_size),
+            nn.ReLU(),
+            nn.Linear(hidden_size, num_classes),
         )
 
     def forward(self, x):
@@ -43,9 +46,7 @@ class NativeRecurrent(nn.Module):
 
     def __init__(self, cls, input_size, num_classes, hidden_size, num_layers, bidirectional, **kwargs):
         super().__init__()
-        self.encoder = cls(
-            input_size, hidden_size, num_layers, bidirectional=bidirectional, batch_first=True, **kwargs
-        )
+        self.encoder = cls(input_size, hidden_size, num_layers, bidirectional=bidirectional, batch_first=True, **kwargs)
         self.fc = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
 
     def forward(self, x):
@@ -109,7 +110,9 @@ def _load_and_compare(ours: nn.Module, native: nn.Module, x: torch.Tensor) -> No
     ref.square().sum().backward()
     grads = dict(native.named_parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-11, msg=name)
+        torch.testing.assert_close(
+            p.grad, grads[name].grad, rtol=1e-9, atol=1e-11, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 # ---- CNN ---------------------------------------------------------------------------
@@ -234,7 +237,9 @@ def test_attention_classifier_rejects_unknown_cell_and_score():
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_self_attention_classifier_matches_torch_multihead_attention(num_layers):
-    model = models.SelfAttentionClassifier(input_size=3, num_classes=4, hidden_size=8, num_heads=2, num_layers=num_layers)
+    model = models.SelfAttentionClassifier(
+        input_size=3, num_classes=4, hidden_size=8, num_heads=2, num_layers=num_layers
+    )
     twin = _native_self_attention(model)
     assert type(twin.blocks[0].attention) is nn.MultiheadAttention
     _load_and_compare(model, twin, torch.randn(5, 9, 3))

@@ -201,9 +201,7 @@ class AttentionClassifier(_RecurrentClassifier):
 def _sinusoidal_positions(steps: int, dim: int, like: torch.Tensor) -> torch.Tensor:
     """(steps, dim) sine/cosine position code (Vaswani et al. 2017, section 3.5)."""
     position = torch.arange(steps, dtype=like.dtype, device=like.device).unsqueeze(1)
-    frequency = torch.exp(
-        torch.arange(0, dim, 2, dtype=like.dtype, device=like.device) * (-math.log(10000.0) / dim)
-    )
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=like.dtype, device=like.device) * (-math.log(10000.0) / dim))
     code = torch.zeros(steps, dim, dtype=like.dtype, device=like.device)
     code[:, 0::2] = torch.sin(position * frequency)
     code[:, 1::2] = torch.cos(position * frequency)
@@ -259,7 +257,9 @@ class SelfAttentionClassifier(nn.Module):
                 f"SelfAttentionClassifier: hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
             )
         if hidden_size % 2:
-            raise ValueError(f"SelfAttentionClassifier: hidden_size must be even (sine/cosine pairs), got {hidden_size}")
+            raise ValueError(
+                f"SelfAttentionClassifier: hidden_size must be even (sine/cosine pairs), got {hidden_size}"
+            )
         self.input_size = input_size
         self.projection = nn.Linear(input_size, hidden_size)
         self.blocks = nn.Sequential(
