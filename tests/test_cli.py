@@ -61,3 +61,13 @@ def test_bench_quick_runs_one_benchmark_into_the_output_folder(tmp_path, capfd):
     runs = json.loads((tmp_path / "bias_act.json").read_text())
     assert runs[-1]["results"] and all(r["speedup"] > 0 for r in runs[-1]["results"])
     assert (tmp_path / "bias_act.png").is_file()
+
+
+def test_demo_with_one_epoch_prints_the_table_and_saves_the_plot(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out_png = tmp_path / "demo.png"
+    assert main(["demo", "--models", "cnn", "--epochs", "1", "--out", str(out_png), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fastlayers demo" in out and "cnn" in out and "speedup" in out
+    assert "target missed" in out or "97%" in out
+    assert out_png.is_file() and out_png.stat().st_size > 10_000

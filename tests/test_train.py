@@ -87,6 +87,27 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_partial_one(c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+def test_compare_native_starts_from_the_same_weights_and_reports_the_ratio(capsys):
+    code, out = _run(capsys, *TINY_LSTM, "--epochs", "1", "--compare-native")
+    assert code == 0
+    assert "native epoch   1/1" in out and "speed: fastlayers is" in out and "test accuracy difference" in out
+    accs = [float(line.split("test acc ")[1].split("%")[0]) for line in out.splitlines() if "epoch   1/1" in line]
+    assert len(accs) == 2 and abs(accs[0] - accs[1]) < 2.0  # same start, same data order: nearly the same model
+
+
+def test_native_twin_has_the_initial_weights_of_the_fastlayers_model():
+    import copy
+
+    import fastlayers
+    from fastlayers.models import build
+
+    model = build("attention", input_size=8, num_classes=10)
+    twin = fastlayers.revert(copy.deepcopy(model))
+    ours, theirs = model.state_dict(), twin.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -20,6 +20,11 @@ import torch
 from fastlayers.train import Hyper
 
 SEED = 0
+# The demo's models are small (batches of 32-64, 64 hidden units), so a second thread
+# gains little, and on a shared machine it costs a lot: on the 2-core development
+# machine under load, 2 threads made epochs 10-100x slower (OpenMP barrier waits for a
+# descheduled thread) than 1 thread (0.2-0.9 s). --threads changes it.
+DEMO_THREADS = 1
 
 
 @dataclass
@@ -57,7 +62,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int,
                         help="override every model's epochs (a quick look; the targets need the defaults)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=DEMO_THREADS,
+                        help=f"CPU threads (default {DEMO_THREADS}: the models are small; see the module docstring)")
 
 
 def train_pair(run: DemoRun, device: torch.device, console) -> dict:
