@@ -15,13 +15,16 @@ TORCH_LIBRARY(fastlayers, m) {
   // H a multiple of Hkv; attn_mask bool (True = attend) or additive in query's dtype,
   // broadcastable to (B, H, Lq, Lk); is_causal hides key j from query i when j > i.
   // Returns (output (B, H, Lq, Ev), logsumexp (B, H, Lq): float32, float64 for float64
-  // inputs; -inf for a row that sees no key, whose output is 0).
-  m.def("flash_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale)"
-        " -> (Tensor, Tensor)",
+  // inputs; -inf for a row that sees no key, whose output is 0). dropout_p > 0 drops
+  // probabilities with the counter-based mask of csrc/attention/dropout.h keyed by
+  // dropout_seed (CPU int64 [seed, offset]); the backward takes the same pair.
+  m.def("flash_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, bool is_causal, float scale,"
+        " float dropout_p=0.0, Tensor? dropout_seed=None) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   // (grad_query, grad_key, grad_value), probabilities recomputed from logsumexp.
   m.def("flash_attention_backward(Tensor grad_output, Tensor query, Tensor key, Tensor value, Tensor output,"
-        " Tensor logsumexp, Tensor? attn_mask, bool is_causal, float scale) -> (Tensor, Tensor, Tensor)",
+        " Tensor logsumexp, Tensor? attn_mask, bool is_causal, float scale, float dropout_p=0.0,"
+        " Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 
   // 2-D convolution (NCHW sizes; channels_last accepted), y = conv(input, weight) + bias,

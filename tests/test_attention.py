@@ -15,9 +15,12 @@ import fastlayers
 from fastlayers import _extension
 from fastlayers.functional import scaled_dot_product_attention as sdpa
 from fastlayers.ops.attention import (
+    draw_dropout_seed,
+    dropout_factors_reference,
     flash_attention_backward_reference,
     flash_attention_reference,
     lse_dtype,
+    philox4x32_10,
     scaled_dot_product_attention_reference,
 )
 from helpers import assert_no_worse_than_torch, devices, requires_cuda_kernels, requires_extension
@@ -63,11 +66,11 @@ def _mask(kind, shape, dtype, device="cpu"):
     return additive.masked_fill(~keep, float("-inf")).to(dtype)
 
 
-def _op_oracle(q, k, v, mask, causal, scale, grad_out):
+def _op_oracle(q, k, v, mask, causal, scale, grad_out, dropout_p=0.0, dropout_seed=None):
     """Forward (output, lse) and the three gradients in float64 from the same inputs."""
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     md = mask.double() if mask is not None and mask.dtype != torch.bool else mask
-    out, lse = flash_attention_reference(qd, kd, vd, md, causal, scale)
+    out, lse = flash_attention_reference(qd, kd, vd, md, causal, scale, dropout_p, dropout_seed)
     out.backward(grad_out.double())
     return out, lse, qd.grad, kd.grad, vd.grad
 
@@ -332,16 +335,6 @@ def test_sdpa_long_sequences_match_torch(L, E, is_causal):
     _check_sdpa_parity(q, k, v, torch.float32, is_causal=is_causal)
 
 
-def test_dropout_runs_the_reference_and_draws_as_torch():
-    q, k, v = torch.randn(2, 2, 30, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
-    torch.manual_seed(7)
-    ours = sdpa(q, k, v, dropout_p=0.3)
-    torch.manual_seed(7)
-    native = native_sdpa(q, k, v, dropout_p=0.3)
-    torch.testing.assert_close(ours, native)
-    assert not torch.allclose(ours, sdpa(q, k, v))
-
-
 def test_float_mask_that_requires_grad_gets_torchs_gradient():
     q, k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
     mask = torch.randn(9, 11, requires_grad=True)
@@ -502,3 +495,175 @@ def test_forward_and_backward_allocate_linear_not_quadratic_memory():
         sdpa(q, k, v).sum().backward()
     allocated = sum(max(e.cpu_memory_usage, 0) for e in prof.events())
     assert 0 < allocated < L * L * 4 / 8, f"{allocated / 1e6:.1f} MB allocated"
+
+
+# ---- dropout ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "counter, key, expected",
+    [  # Random123's known-answer vectors for philox4x32_10
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ],
+)
+def test_philox_reference_gives_random123_known_answers(counter, key, expected):
+    words = philox4x32_10(*(torch.tensor(c, dtype=torch.int64) for c in counter), *key)
+    assert tuple(int(w) for w in words) == expected
+
+
+def _kernel_dropout_factors(B, H, L, dropout_p, dropout_seed, dtype=torch.float64, device="cpu"):
+    """The kernel's (B, H, L, L) dropout factors, read through its output: with q = 0
+    every key gets P = 1/L, and with V = identity, output[i, j] = P_ij * factor_ij."""
+    q = torch.zeros(B, H, L, 8, dtype=dtype, device=device)
+    v = torch.eye(L, dtype=dtype, device=device).expand(B, H, L, L)
+    out, _ = flash(q, torch.randn(B, H, L, 8, dtype=dtype, device=device), v, None, False, 1.0, dropout_p, dropout_seed)
+    return out * L
+
+
+@pytest.mark.parametrize("device", devices())
+def test_kernel_mask_is_the_reference_mask(device):
+    seed = draw_dropout_seed()
+    factors = _kernel_dropout_factors(2, 3, 70, 0.4, seed, device=device)
+    reference = dropout_factors_reference(seed, 0.4, 6, 70, 70, torch.float64, device).view(2, 3, 70, 70)
+    torch.testing.assert_close(factors, reference, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+def test_dropout_keeps_one_minus_p_and_scales_by_its_inverse(dropout_p):
+    n = 4 * 256 * 256
+    factors = _kernel_dropout_factors(2, 2, 256, dropout_p, draw_dropout_seed())
+    kept = factors != 0
+    torch.testing.assert_close(factors[kept], torch.full_like(factors[kept], 1 / (1 - dropout_p)), rtol=1e-12, atol=0)
+    # Binomial(n, 1 - p): 5 standard deviations.
+    bound = 5 * math.sqrt(n * dropout_p * (1 - dropout_p))
+    assert abs(kept.sum().item() - n * (1 - dropout_p)) < bound
+
+
+def test_dropout_one_drops_everything_and_zero_nothing():
+    seed = draw_dropout_seed()
+    assert torch.count_nonzero(_kernel_dropout_factors(1, 2, 40, 1.0, seed)) == 0
+    no_dropout = _kernel_dropout_factors(1, 2, 40, 0.0, None)
+    torch.testing.assert_close(no_dropout, torch.ones_like(no_dropout), rtol=1e-12, atol=0)
+
+
+def test_dropout_is_reproducible_under_manual_seed_and_differs_between_calls():
+    q, k, v = _qkv(2, 2, 2, 50, 60, 16, 16, torch.float32)
+    torch.manual_seed(3)
+    first, second = sdpa(q, k, v, dropout_p=0.3), sdpa(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    again = sdpa(q, k, v, dropout_p=0.3)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
+    assert not torch.allclose(first, sdpa(q, k, v))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", OP_CASES[:4] + OP_CASES[6:], ids=OP_IDS[:4] + OP_IDS[6:])
+def test_op_with_dropout_matches_float64_reference_with_the_same_mask(case, dtype, device):
+    B, H, Hkv, Lq, Lk, E, Ev, causal, kind, mshape = case
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, E, Ev, dtype, device)
+    mask = _mask(kind, mshape, dtype, device)
+    scale, seed = 1 / math.sqrt(E), draw_dropout_seed()
+    out, lse = flash(q, k, v, mask, causal, scale, 0.3, seed)
+    grad_out = torch.randn_like(out)
+    grads = flash_backward(grad_out, q, k, v, out, lse, mask, causal, scale, 0.3, seed)
+    o_ref, lse_ref, *grads_ref = _op_oracle(q, k, v, mask, causal, scale, grad_out, 0.3, seed)
+    assert_close_scaled(out, o_ref, dtype, "output")
+    assert_close_scaled(lse, lse_ref, dtype, "logsumexp")
+    for name, g, g_ref in zip(("query", "key", "value"), grads, grads_ref):
+        assert_close_scaled(g, g_ref, dtype, f"grad_{name}")
+    # The differentiable backward (create_graph) regenerates the same mask.
+    reference = flash_attention_backward_reference(grad_out, q, k, v, mask, causal, scale, 0.3, seed)
+    for g, g_ref in zip(grads, reference):
+        assert_close_scaled(g, g_ref, dtype)
+
+
+@pytest.mark.parametrize("B, H, Hkv, causal", [(2, 4, 2, False), (1, 3, 1, True)])
+def test_dropout_backward_gives_the_same_bits_for_any_thread_count(B, H, Hkv, causal):
+    q, k, v = _qkv(B, H, Hkv, 150, 170, 40, 24, torch.float32)
+    seed = draw_dropout_seed()
+    out, lse = flash(q, k, v, None, causal, 0.2, 0.25, seed)
+    grad_out = torch.randn_like(out)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = flash_backward(grad_out, q, k, v, out, lse, None, causal, 0.2, 0.25, seed)
+        torch.set_num_threads(max(2, threads))
+        many = flash_backward(grad_out, q, k, v, out, lse, None, causal, 0.2, 0.25, seed)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_sdpa_with_dropout_matches_the_reference_under_the_same_seed():
+    """Leading dimensions, GQA and a mask: the wrapper numbers the slices as the reference does."""
+    q, k, v = torch.randn(2, 3, 4, 33, 16), torch.randn(2, 3, 2, 41, 16), torch.randn(2, 3, 2, 41, 8)
+    mask = torch.rand(4, 33, 41) > 0.2
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(11)
+    ours = sdpa(qs, ks, vs, mask, dropout_p=0.35, enable_gqa=True)
+    torch.manual_seed(11)
+    ref = scaled_dot_product_attention_reference(qr, kr, vr, mask, dropout_p=0.35, enable_gqa=True)
+    assert_close_scaled(ours, ref, torch.float32)
+    grad_out = torch.randn_like(ours)
+    for g, g_ref in zip(torch.autograd.grad(ours, (qs, ks, vs), grad_out), torch.autograd.grad(ref, (qr, kr, vr), grad_out)):
+        assert_close_scaled(g, g_ref, torch.float32)
+    with fastlayers.use_backend("reference"):
+        torch.manual_seed(11)
+        assert_close_scaled(sdpa(q, k, v, mask, dropout_p=0.35, enable_gqa=True), ours.detach(), torch.float32)
+
+
+def test_dropout_is_unbiased_like_torchs():
+    """torch's SDPA drops with another stream, so the comparison is statistical: the mean
+    over calls of both approaches the output without dropout."""
+    q, k, v = _qkv(1, 2, 2, 8, 12, 4, 4, torch.float64)
+    exact = sdpa(q, k, v)
+    calls = 400
+    torch.manual_seed(0)
+    ours = torch.stack([sdpa(q, k, v, dropout_p=0.5) for _ in range(calls)])
+    native = torch.stack([native_sdpa(q, k, v, dropout_p=0.5) for _ in range(calls)])
+    for samples in (ours, native):
+        sem = samples.std(0) / math.sqrt(calls)
+        assert ((samples.mean(0) - exact).abs() <= 5 * sem + 1e-12).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_float64_with_dropout(causal):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 1, 6, 9, 4, 3, torch.float64))
+    seed = draw_dropout_seed()
+
+    def fn(q, k, v):
+        return flash(q, k, v, None, causal, 0.5, 0.3, seed)[0]
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
+def test_opcheck_with_dropout():
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 4, 2, 9, 13, 8, 6, torch.float32))
+    seed = draw_dropout_seed()
+    torch.library.opcheck(flash, (q, k, v, None, False, 0.4, 0.2, seed))
+    out, lse = flash(q.detach(), k.detach(), v.detach(), None, False, 0.4, 0.2, seed)
+    args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, False, 0.4, 0.2, seed)
+    torch.library.opcheck(flash_backward, args)
+
+
+def test_op_checks_the_dropout_arguments():
+    q, k, v = _qkv(1, 1, 1, 3, 4, 8, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="needs dropout_seed"):
+        flash(q, k, v, None, False, 0.3, 0.2)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\], got 1.5"):
+        flash(q, k, v, None, False, 0.3, 1.5, draw_dropout_seed())
+    with pytest.raises(TypeError, match="dropout_seed must be int64"):
+        flash(q, k, v, None, False, 0.3, 0.2, torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"dropout_seed must have shape \[2\]"):
+        flash(q, k, v, None, False, 0.3, 0.2, torch.zeros(3, dtype=torch.int64))

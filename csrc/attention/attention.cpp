@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 #include "attention/attention.h"
@@ -101,6 +102,28 @@ Inputs make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return in;
 }
 
+DropoutParams dropout_params(double dropout_p, const std::optional<at::Tensor>& dropout_seed, const char* op) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, op, ": dropout_p must be in [0, 1], got ", dropout_p);
+  DropoutParams d;
+  if (dropout_p == 0.0) return d;
+  TORCH_CHECK(dropout_seed.has_value(), op, ": dropout_p = ", dropout_p,
+              " needs dropout_seed, an int64 tensor [seed, offset]");
+  const at::Tensor& t = *dropout_seed;
+  TORCH_CHECK(t.device().is_cpu(), op, ": dropout_seed must be on the CPU, got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": dropout_seed must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == 2, op, ": dropout_seed must have shape [2] (seed, offset), got shape ",
+              t.sizes());
+  const at::Tensor words = t.contiguous();
+  const int64_t* v = words.const_data_ptr<int64_t>();
+  d.seed = static_cast<uint64_t>(v[0]);
+  d.offset = static_cast<uint32_t>(static_cast<uint64_t>(v[1]));
+  // Keep a word w (uniform on [0, 2^32)) iff w >= round(p * 2^32): probability 1 - p.
+  d.threshold = static_cast<uint64_t>(std::llround(dropout_p * 4294967296.0));
+  d.keep_scale = dropout_p < 1.0 ? 1.0 / (1.0 - dropout_p) : 0.0;
+  d.enabled = true;
+  return d;
+}
+
 at::ScalarType lse_dtype(const at::Tensor& query) {
   return query.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -132,9 +155,11 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, const at::Tensor& key,
                                                        const at::Tensor& value,
                                                        const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                                       double scale) {
+                                                       double scale, double dropout_p,
+                                                       const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "flash_attention";
   const Shape s = check_inputs(query, key, value, attn_mask, op);
+  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
   at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
   at::Tensor mask = attn_mask.has_value() ? additive_mask(*attn_mask, q, s) : at::Tensor();
   at::Tensor output = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
@@ -142,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, 
   if (output.numel() == 0 && lse.numel() == 0) return {output, lse};
   ForwardArgs args;
   args.in = make_inputs(q, k, v, mask, s, is_causal, scale, op);
+  args.in.dropout = dropout;
   args.output = output.mutable_data_ptr();
   args.logsumexp = lse.mutable_data_ptr();
   const CpuKernels& kernels = attention_cpu_kernels_select();
@@ -152,9 +178,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
-    bool is_causal, double scale) {
+    bool is_causal, double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "flash_attention_backward";
   const Shape s = check_backward_inputs(grad_output, query, key, value, output, logsumexp, attn_mask, op);
+  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
   at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
   at::Tensor g = rows_contiguous(grad_output);
   at::Tensor o = output.contiguous(), lse = logsumexp.contiguous();
@@ -171,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
 
   BackwardArgs args;
   args.in = make_inputs(q, k, v, mask, s, is_causal, scale, op);
+  args.in.dropout = dropout;
   args.grad_output = g.const_data_ptr();
   args.grad_output_strides = row_strides(g);
   args.output = o.const_data_ptr();

@@ -35,6 +35,10 @@ at::Tensor additive_mask(const at::Tensor& mask, const at::Tensor& query, const 
 Inputs make_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                    const Shape& s, bool is_causal, double scale, const char* op);
 
+// Checks dropout_p (in [0, 1]) and, when it is > 0, dropout_seed (a CPU int64 tensor
+// [seed, offset]); the kernels' dropout parameters (disabled for dropout_p == 0).
+DropoutParams dropout_params(double dropout_p, const std::optional<at::Tensor>& dropout_seed, const char* op);
+
 // float64 for float64 inputs, else float32.
 at::ScalarType lse_dtype(const at::Tensor& query);
 

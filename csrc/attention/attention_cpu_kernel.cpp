@@ -14,6 +14,10 @@
 // pass per (batch, kv head) (key_value_typed): no atomics, and the same bits either way,
 // so the result does not depend on the thread count.
 //
+// Dropout (dropout.h) multiplies P by a factor of 1/(1-p) or 0 regenerated per tile
+// from (seed, offset, slice, row, column): after the row sums in the forward, and as
+// P_drop = P f, dS = P (dP f - D) in the backward.
+//
 // Tiles are copied into zero-padded buffers of the compute type (float, or double for
 // float64), so every dtype, stride and ragged length runs the same micro-kernel.
 #include <algorithm>
@@ -230,6 +234,42 @@ const S* mask_column_ptr(const Inputs& in, int64_t b, int64_t h, int64_t i0, int
 // order gives every thread a mix of short and long blocks.
 FL_INLINE int64_t zigzag(int64_t u, int64_t n) { return u % 2 == 0 ? u / 2 : n - 1 - u / 2; }
 
+// The dropout factors (keep_scale or 0) of query rows i0 .. i0 + nq and keys j0 .. j0 + nk
+// (j0 a multiple of 4) of slice bh: f[c * ld + r] (kKeyMajor, the S^T layout) or
+// f[r * ld + c]. Up to round_up(nk, 4) keys are written (one Philox call per 4 keys), so
+// the tile must hold that many.
+template <class T, bool kKeyMajor>
+void dropout_factors(const attention::DropoutParams& d, int64_t bh, int64_t i0, int64_t nq, int64_t j0, int64_t nk,
+                     T* f, int64_t ld) {
+  const T kept = T(d.keep_scale);
+  const int64_t quads = attention::ceil_div(nk, 4), quad0 = j0 / 4;
+  if (kKeyMajor) {
+    for (int64_t q = 0; q < quads; ++q) {
+      T* f0 = f + 4 * q * ld;
+#pragma omp simd
+      for (int64_t r = 0; r < nq; ++r) {
+        const attention::Philox4 w = attention::dropout_words(d, bh, i0 + r, quad0 + q);
+        f0[r] = attention::dropout_keeps(d, w.x[0]) ? kept : T(0);
+        f0[ld + r] = attention::dropout_keeps(d, w.x[1]) ? kept : T(0);
+        f0[2 * ld + r] = attention::dropout_keeps(d, w.x[2]) ? kept : T(0);
+        f0[3 * ld + r] = attention::dropout_keeps(d, w.x[3]) ? kept : T(0);
+      }
+    }
+  } else {
+    for (int64_t r = 0; r < nq; ++r) {
+      T* fr = f + r * ld;
+#pragma omp simd
+      for (int64_t q = 0; q < quads; ++q) {
+        const attention::Philox4 w = attention::dropout_words(d, bh, i0 + r, quad0 + q);
+        fr[4 * q] = attention::dropout_keeps(d, w.x[0]) ? kept : T(0);
+        fr[4 * q + 1] = attention::dropout_keeps(d, w.x[1]) ? kept : T(0);
+        fr[4 * q + 2] = attention::dropout_keeps(d, w.x[2]) ? kept : T(0);
+        fr[4 * q + 3] = attention::dropout_keeps(d, w.x[3]) ? kept : T(0);
+      }
+    }
+  }
+}
+
 // ---- forward ----------------------------------------------------------------------------
 
 // The forward works on S^T (keys x queries): Q^T is transposed once per unit, K and V
@@ -248,7 +288,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) +
-       W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Evp) + 5 * W::size_of(kBlockQ));
+       W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Evp) + 5 * W::size_of(kBlockQ) +
+       (in.dropout.enabled ? W::size_of(kBlockK * kBlockQ) : 0));
   if (!ws.ok()) throw std::bad_alloc();
   T* qt_tile = ws.take(E * kBlockQ);       // Q^T [E][queries]
   T* k_tile = ws.take(kBlockK * Ep);       // K [keys][Ep]
@@ -260,6 +301,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   T* new_max = ws.take(kBlockQ);
   T* tile_sum = ws.take(kBlockQ);
   T* alpha = ws.take(kBlockQ);
+  T* drop_tile = in.dropout.enabled ? ws.take(kBlockK * kBlockQ) : nullptr;  // dropout factors [keys][queries]
 
   const S* query = static_cast<const S*>(in.query);
   const S* key = static_cast<const S*>(in.key);
@@ -325,6 +367,15 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
           for (int64_t c = 0; c < Ev; ++c) o[c] *= alpha[r];
         }
       }
+      if (drop_tile) {  // the row sums above keep every P: dropout acts after the softmax
+        dropout_factors<T, true>(in.dropout, bh, i0, nq, j0, nk, drop_tile, kBlockQ);
+        for (int64_t c = 0; c < nk; ++c) {
+          T* s = st_tile + c * kBlockQ;
+          const T* f = drop_tile + c * kBlockQ;
+#pragma omp simd
+          for (int64_t r = 0; r < nq; ++r) s[r] *= f[r];
+        }
+      }
       // O += P V; P's columns nq..Mq (stale) only feed O rows that are never written out.
       gemm<T, true>(Mq, Evp, nk, st_tile, kBlockQ, v_tile, Evp, o_acc, Evp, true);
     }
@@ -368,18 +419,71 @@ void row_dot_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   }
 }
 
-// P = exp(s - lse) and dS = P * (dP - D) for one row of logits `s` and of dP, in place
-// (s becomes P, dp becomes dS). `lse` and `dot` are per-element pointers (stride 1) or
-// broadcast scalars (stride 0).
+// P = exp(s - lse) and dS = P * (dP - D) in place (s becomes P, dp becomes dS) for one
+// row of S and dP, whose query has logsumexp `lse` and D = `dot`. A row with lse ==
+// -inf saw no key: its P (and gradient) is 0, as in the forward.
 template <class T>
-FL_INLINE void probabilities_and_grad(int64_t count, T* s, T* dp, const T* lse, const T* dot, int64_t stride) {
+FL_INLINE void probabilities_and_grad_row(int64_t count, T* s, T* dp, T lse, T dot) {
+  if (lse == kNegInf<T>) {
+#pragma omp simd
+    for (int64_t x = 0; x < count; ++x) {
+      s[x] = T(0);
+      dp[x] = T(0) * (dp[x] - dot);  // NaN stays NaN, as in probabilities_and_grad_column
+    }
+    return;
+  }
+  // Scalars, not pointers: GCC does not vectorize this loop when lse and D are loads
+  // that the stores to s and dp might alias (scalar code was 3x slower in the backward).
 #pragma omp simd
   for (int64_t x = 0; x < count; ++x) {
-    const T l = lse[x * stride];
-    // lse == -inf: the row saw no key; its P (and gradient) is 0, as in the forward.
+    const T p = math::exp(s[x] - lse);
+    s[x] = p;
+    dp[x] = p * (dp[x] - dot);
+  }
+}
+
+// With dropout factors f: s becomes P f (for dV) and dp becomes dS = P (dP f - D).
+template <class T>
+FL_INLINE void probabilities_and_grad_row_dropout(int64_t count, T* s, T* dp, const T* f, T lse, T dot) {
+  if (lse == kNegInf<T>) {
+#pragma omp simd
+    for (int64_t x = 0; x < count; ++x) {
+      s[x] = T(0);
+      dp[x] = T(0) * (dp[x] * f[x] - dot);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t x = 0; x < count; ++x) {
+    const T p = math::exp(s[x] - lse);
+    s[x] = p * f[x];
+    dp[x] = p * (dp[x] * f[x] - dot);
+  }
+}
+
+// The same for one row of S^T and dP^T (one key against `count` queries with their own
+// logsumexp and D).
+// With dropout factors f (null: none), dp becomes P (dP f - D); only dS is used here.
+template <class T>
+FL_INLINE void probabilities_and_grad_column(int64_t count, T* __restrict s, T* __restrict dp,
+                                             const T* __restrict lse, const T* __restrict dot,
+                                             const T* __restrict f) {
+  if (f) {
+#pragma omp simd
+    for (int64_t x = 0; x < count; ++x) {
+      const T l = lse[x];
+      const T p = l == kNegInf<T> ? T(0) : math::exp(s[x] - l);
+      s[x] = p;
+      dp[x] = p * (dp[x] * f[x] - dot[x]);
+    }
+    return;
+  }
+#pragma omp simd
+  for (int64_t x = 0; x < count; ++x) {
+    const T l = lse[x];
     const T p = l == kNegInf<T> ? T(0) : math::exp(s[x] - l);
     s[x] = p;
-    dp[x] = p * (dp[x] - dot[x * stride]);
+    dp[x] = p * (dp[x] - dot[x]);
   }
 }
 
@@ -410,7 +514,8 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockK) + W::size_of(Ev * kBlockK) + W::size_of(kBlockQ * Ep) +
        W::size_of(kBlockQ * Evp) + 2 * W::size_of(kBlockQ * kBlockK) + W::size_of(kBlockK * Ep) +
-       W::size_of(kBlockK * Evp) + (fused ? W::size_of(kBlockK * Ep) : 0));
+       W::size_of(kBlockK * Evp) + (fused ? W::size_of(kBlockK * Ep) : 0) +
+       (in.dropout.enabled ? W::size_of(kBlockQ * kBlockK) : 0));
   if (!ws.ok()) throw std::bad_alloc();
   T* kt_tile = ws.take(E * kBlockK);       // K^T [E][keys]
   T* vt_tile = ws.take(Ev * kBlockK);      // V^T [Ev][keys]
@@ -421,6 +526,7 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   T* dk_acc = ws.take(kBlockK * Ep);
   T* dv_acc = ws.take(kBlockK * Evp);
   T* k_tile = fused ? ws.take(kBlockK * Ep) : nullptr;  // K [keys][Ep], for dQ += dS K
+  T* drop_tile = in.dropout.enabled ? ws.take(kBlockQ * kBlockK) : nullptr;  // dropout factors [queries][keys]
 
   const S* query = static_cast<const S*>(in.query);
   const S* key = static_cast<const S*>(in.key);
@@ -463,11 +569,17 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
           gemm<T, false>(Mq, Nk, Ev, do_tile, Evp, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
           const T* lse_rows = lse + bh * sh.q_len + i0;
           const T* dot_rows = dot + bh * sh.q_len + i0;
+          if (drop_tile) dropout_factors<T, false>(in.dropout, bh, i0, nq, j0, nk, drop_tile, kBlockK);
           for (int64_t r = 0; r < nq; ++r) {
             const int64_t i = i0 + r;
             T* s = s_tile + r * kBlockK;
             logits_row<S, T>(in, mask_row_ptr<S>(in, b, h, i), i, j0, nk, s);
-            probabilities_and_grad(nk, s, dp_tile + r * kBlockK, lse_rows + r, dot_rows + r, 0);
+            if (drop_tile) {
+              probabilities_and_grad_row_dropout(nk, s, dp_tile + r * kBlockK, drop_tile + r * kBlockK, lse_rows[r],
+                                                 dot_rows[r]);
+            } else {
+              probabilities_and_grad_row(nk, s, dp_tile + r * kBlockK, lse_rows[r], dot_rows[r]);
+            }
           }
           // P and dS columns nk..Mk (unprocessed) only feed dK/dV rows that are never written out.
           gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_tile, Evp, dv_acc, Evp, true);  // dV += P^T dO
@@ -519,7 +631,8 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockQ) + W::size_of(Ev * kBlockQ) + W::size_of(kBlockK * Ep) +
-       W::size_of(kBlockK * Evp) + 2 * W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Ep));
+       W::size_of(kBlockK * Evp) + 2 * W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Ep) +
+       (in.dropout.enabled ? W::size_of(kBlockK * kBlockQ) : 0));
   if (!ws.ok()) throw std::bad_alloc();
   T* qt_tile = ws.take(E * kBlockQ);        // Q^T [E][queries]
   T* dot_tile = ws.take(Ev * kBlockQ);      // dO^T [Ev][queries]
@@ -528,6 +641,7 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   T* st_tile = ws.take(kBlockK * kBlockQ);  // S^T, then P^T
   T* dpt_tile = ws.take(kBlockK * kBlockQ); // dP^T, then dS^T
   T* dq_acc = ws.take(kBlockQ * Ep);
+  T* drop_tile = in.dropout.enabled ? ws.take(kBlockK * kBlockQ) : nullptr;  // dropout factors [keys][queries]
 
   const S* query = static_cast<const S*>(in.query);
   const S* key = static_cast<const S*>(in.key);
@@ -564,10 +678,12 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
       // Rows nk..Mk (stale K, V) give S^T, dP^T rows that no product below reads.
       gemm<T, false>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, st_tile, kBlockQ, false);     // S^T
       gemm<T, false>(Mk, Nq, Ev, v_tile, Evp, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
+      if (drop_tile) dropout_factors<T, true>(in.dropout, bh, i0, nq, j0, nk, drop_tile, kBlockQ);
       for (int64_t c = 0; c < nk; ++c) {
         T* s = st_tile + c * kBlockQ;
         logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, s);
-        probabilities_and_grad(nq, s, dpt_tile + c * kBlockQ, lse_rows, dot_rows, 1);
+        probabilities_and_grad_column(nq, s, dpt_tile + c * kBlockQ, lse_rows, dot_rows,
+                                      drop_tile ? drop_tile + c * kBlockQ : nullptr);
       }
       // dS columns nq..Mq (unprocessed) only feed dQ rows that are never written out.
       gemm<T, true>(Mq, Ep, nk, dpt_tile, kBlockQ, k_tile, Ep, dq_acc, Ep, true);  // dQ += dS K

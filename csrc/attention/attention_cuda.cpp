@@ -27,9 +27,11 @@ void check_cuda_limits(const Shape& s, const char* op) {
 std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query, const at::Tensor& key,
                                                         const at::Tensor& value,
                                                         const std::optional<at::Tensor>& attn_mask, bool is_causal,
-                                                        double scale) {
+                                                        double scale, double dropout_p,
+                                                        const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "flash_attention";
   const Shape s = check_inputs(query, key, value, attn_mask, op);
+  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
   check_cuda_limits(s, op);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
@@ -38,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query,
   at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(lse_dtype(q)));
   ForwardArgs args;
   args.in = make_inputs(q, k, v, mask, s, is_causal, scale, op);
+  args.in.dropout = dropout;
   args.output = output.mutable_data_ptr();
   args.logsumexp = lse.mutable_data_ptr();
   check_launch(launch_forward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), op);
@@ -47,9 +50,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
-    bool is_causal, double scale) {
+    bool is_causal, double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const char* op = "flash_attention_backward";
   const Shape s = check_backward_inputs(grad_output, query, key, value, output, logsumexp, attn_mask, op);
+  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
   check_cuda_limits(s, op);
   const c10::cuda::CUDAGuard guard(query.device());
   at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
@@ -63,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
   at::Tensor row_dot = at::empty({s.batch, s.heads, s.q_len}, lse.options());
   BackwardArgs args;
   args.in = make_inputs(q, k, v, mask, s, is_causal, scale, op);
+  args.in.dropout = dropout;
   args.grad_output = g.const_data_ptr();
   args.grad_output_strides = row_strides(g);
   args.output = o.const_data_ptr();

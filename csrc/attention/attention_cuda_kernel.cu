@@ -10,6 +10,8 @@
 // columns l, l + 32, ... (up to kChunks * 32 = head dims up to 256). The softmax is
 // online (running max and sum) in the forward; the backward recomputes P from the
 // logsumexp and uses D = rowsum(dO * O). No atomics: the result is deterministic.
+// Dropout (dropout.h, the CPU kernels' mask bit for bit): each lane regenerates the
+// factor of its (query, key) element.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -38,6 +40,13 @@ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? 
 
 // max that keeps a NaN (fmax would drop it), so a NaN score makes its row NaN, as in torch.
 template <class T> __device__ __forceinline__ T max_keep_nan(T a, T b) { return (b > a || b != b) ? b : a; }
+
+// The dropout factor of element (i, j) of slice bh: 1 without dropout, else keep_scale or 0.
+template <class T> __device__ __forceinline__ T dropout_factor(const DropoutParams& d, int64_t bh, int64_t i, int64_t j) {
+  if (!d.enabled) return T(1);
+  const Philox4 w = dropout_words(d, bh, i, j >> 2);
+  return dropout_keeps(d, w.x[j & 3]) ? T(d.keep_scale) : T(0);
+}
 
 template <class T> __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
@@ -129,10 +138,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs args) {
         const T alpha = none ? T(1) : math::exp(m[rr] - m_new);
         l[rr] = l[rr] * alpha + warp_sum(p);
         m[rr] = m_new;
+        // Dropout acts after the softmax: the row sum above keeps every P.
+        const T p_kept = in.dropout.enabled && lane < nk ? p * dropout_factor<T>(in.dropout, bh, i, j0 + lane) : p;
 #pragma unroll
         for (int t = 0; t < C; ++t) o[rr][t] *= alpha;
         for (int jj = 0; jj < nk; ++jj) {
-          const T pj = __shfl_sync(kFullMask, p, jj);
+          const T pj = __shfl_sync(kFullMask, p_kept, jj);
 #pragma unroll
           for (int t = 0; t < C; ++t) {
             const int c = lane + 32 * t;
@@ -238,7 +249,8 @@ __global__ void __launch_bounds__(kThreads) query_kernel(BackwardArgs args) {
         if (lane < nk) {
           const T s = logit<S, T>(in, dot(q_s + r * E, k_s + lane * ldk, E), b, h, i0 + r, j0 + lane);
           const T p = probability(s, lse[r]);
-          ds = p * (dot(do_s + r * Ev, v_s + lane * ldv, Ev) - dot_rows[r]);
+          const T f = dropout_factor<T>(in.dropout, bh, i0 + r, j0 + lane);
+          ds = p * (dot(do_s + r * Ev, v_s + lane * ldv, Ev) * f - dot_rows[r]);
         }
         for (int jj = 0; jj < nk; ++jj) {
           const T dsj = __shfl_sync(kFullMask, ds, jj);
@@ -326,7 +338,9 @@ __global__ void __launch_bounds__(kThreads) key_value_kernel(BackwardArgs args) 
           if (lane < nq) {  // lane = query i0 + lane against key j0 + r
             const T s = logit<S, T>(in, dot(k_s + r * E, q_s + lane * ldq, E), b, h, i0 + lane, j0 + r);
             p = probability(s, lse_s[lane]);
-            ds = p * (dot(v_s + r * Ev, do_s + lane * ldo, Ev) - dot_s[lane]);
+            const T f = dropout_factor<T>(in.dropout, bh, i0 + lane, j0 + r);
+            ds = p * (dot(v_s + r * Ev, do_s + lane * ldo, Ev) * f - dot_s[lane]);
+            p *= f;  // dV sums the dropped P
           }
           for (int ii = 0; ii < nq; ++ii) {
             const T pi = __shfl_sync(kFullMask, p, ii);

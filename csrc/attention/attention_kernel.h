@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "attention/dropout.h"
 #include "common/cpu_isa.h"
 #include "common/dtype.h"
 
@@ -44,6 +45,9 @@ struct Inputs {
   bool causal = false;  // key j is visible to query i iff j <= i (top-left aligned)
   double scale = 1.0;
   DType dtype = DType::kFloat32;
+  // Dropout on the probabilities (dropout.h): the forward drops P before P V, the
+  // backward regenerates the same mask from the same parameters.
+  DropoutParams dropout;
 };
 
 struct ForwardArgs {

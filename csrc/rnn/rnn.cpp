@@ -313,15 +313,25 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
   result.grad_input = result.grad_input.view({steps, batch, input_size});
   result.grad_hx = grad_h;
   result.grad_cx = grad_c;
-  result.grad_w_ih = at::empty({gate_width, input_size}, x.options());
-  launch.matmul_out(result.grad_w_ih, dz.t(), x.view({steps * batch, input_size}), false);
-  result.grad_w_hh = at::empty({gate_width, output_size}, x.options());
-  launch.matmul_out(result.grad_w_hh, grad_gates.select(0, 0).t(), h0, false);
+  // The weight and bias gradients in one GEMM that reads dz once:
+  // [grad_w_ih | grad_w_hh | grad_bias]^T = [x_t | h_{t-1} | 1]^T dz,
+  // [I + P (+ 1), T*B] x [T*B, G*H], the small left factor transposed into place (x
+  // and the states shifted by one step; a row of ones sums dz over time and batch).
+  const int64_t bias_row = input_size + output_size;
+  at::Tensor inputs_t = at::empty({bias_row + (has_bias ? 1 : 0), steps * batch}, x.options());
+  inputs_t.narrow(0, 0, input_size).copy_(x.view({steps * batch, input_size}).t());
+  at::Tensor h_prev_t = inputs_t.narrow(0, input_size, output_size);
+  h_prev_t.narrow(1, 0, batch).copy_(h0.t());
   if (steps > 1) {
-    launch.matmul_out(result.grad_w_hh, grad_gates.slice(0, 1).reshape({(steps - 1) * batch, gate_width}).t(),
-                      out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, output_size}), true);
+    h_prev_t.narrow(1, batch, (steps - 1) * batch)
+        .copy_(out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, output_size}).t());
   }
-  result.grad_bias = has_bias ? dz.sum(0) : at::empty({0}, x.options());
+  if (has_bias) inputs_t.select(0, bias_row).fill_(1);
+  at::Tensor weight_grads_t = at::empty({inputs_t.size(0), gate_width}, x.options());
+  launch.matmul_out(weight_grads_t, inputs_t, dz, false);
+  result.grad_w_ih = weight_grads_t.narrow(0, 0, input_size).t().contiguous();
+  result.grad_w_hh = weight_grads_t.narrow(0, input_size, output_size).t().contiguous();
+  result.grad_bias = has_bias ? weight_grads_t.select(0, bias_row).clone() : at::empty({0}, x.options());
   if (w_hr.defined()) {
     const at::Tensor h_full = gate_values.narrow(2, 3 * hidden, hidden) * at::tanh(cell_states);
     result.grad_w_hr = at::empty({output_size, hidden}, x.options());
@@ -481,15 +491,23 @@ void backward_cpu(const BackwardArgs& args) {
 // float32 GEMMs on the packed micro-kernel of rnn_cpu_kernel.cpp (see there for why);
 // other dtypes through ATen.
 
-// k is split into chunks so that a packed panel (chunk x 32 floats at AVX-512) stays in L1.
-constexpr int64_t kGemmDepthChunk = 256;
 // Rows per task of the large GEMMs: a row block of A (96 x 256 floats) stays in L2 while
-// the task sweeps its panels.
+// the task sweeps its panel (the kernel walks k in L1-sized chunks).
 constexpr int64_t kGemmRowBlock = 96;
 
 int64_t gemm_grain(int64_t rows, int64_t depth, int64_t width) {
   // Tasks per parallel chunk: at least ~1 MFLOP each.
   return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, 2 * rows * depth * width));
+}
+
+// Rows per task: kGemmRowBlock, fewer (in whole 6-row tiles) while that leaves under
+// four tasks per thread, e.g. the weight gradients' [I + H, 4H] result at H = 50 has
+// only 7 panels.
+int64_t gemm_row_block(int64_t m, int64_t panels) {
+  const int64_t wanted_tasks = 4 * at::get_num_threads();
+  int64_t row_block = kGemmRowBlock;
+  while (row_block > 6 && panels * ((m + row_block - 1) / row_block) < wanted_tasks) row_block -= 6;
+  return row_block;
 }
 
 void run_gemm_tasks(const CpuKernels& kernels, const GemmArgs& args) {
@@ -498,6 +516,24 @@ void run_gemm_tasks(const CpuKernels& kernels, const GemmArgs& args) {
   const int64_t tasks = panels * ((args.m + args.row_block - 1) / args.row_block);
   at::parallel_for(0, tasks, gemm_grain(std::min(args.m, args.row_block), args.k, width),
                    [&](int64_t begin, int64_t end) { kernels.gemm(args, begin, end); });
+}
+
+// B[k, n] packed into column panels (see GemmArgs), the panels shared between the threads.
+at::Tensor pack_b_parallel(const CpuKernels& kernels, const at::Tensor& b) {
+  const int64_t k = b.size(0), n = b.size(1), width = kernels.gemm_panel_width();
+  const int64_t panels = (n + width - 1) / width;
+  at::Tensor packed = at::empty({panels * k * width}, b.options());
+  const float* src = b.const_data_ptr<float>();
+  float* dst = packed.mutable_data_ptr<float>();
+  const int64_t stride_k = b.stride(0), stride_n = b.stride(1);
+  // At least ~16K floats per parallel chunk.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, k * width));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    const int64_t col = begin * width;
+    kernels.pack_b(src + col * stride_n, k, std::min(n, end * width) - col, stride_k, stride_n,
+                   dst + begin * k * width);
+  });
+  return packed;
 }
 
 class PackedStepMatmul final : public StepMatmul {
@@ -543,7 +579,7 @@ std::unique_ptr<StepMatmul> make_step_matmul_cpu(const at::Tensor& b) {
 }
 
 // c (+)= a b, float32, c dense row-major: A made row-major (a copy when it is a
-// transposed view), B packed chunk by chunk of k.
+// transposed view), B packed whole (in parallel), then one parallel pass of tiles.
 void packed_matmul_out(at::Tensor c, const at::Tensor& a_in, const at::Tensor& b, bool accumulate) {
   const CpuKernels& kernels = rnn_cpu_kernels_select();
   const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
@@ -553,35 +589,29 @@ void packed_matmul_out(at::Tensor c, const at::Tensor& a_in, const at::Tensor& b
     if (!accumulate) c.zero_();
     return;
   }
-  at::Tensor packed = at::empty({(n + width - 1) / width * std::min(k, kGemmDepthChunk) * width}, a.options());
-  for (int64_t k0 = 0; k0 < k; k0 += kGemmDepthChunk) {
-    const int64_t depth = std::min(kGemmDepthChunk, k - k0);
-    kernels.pack_b(b.const_data_ptr<float>() + k0 * b.stride(0), depth, n, b.stride(0), b.stride(1),
-                   packed.mutable_data_ptr<float>());
-    GemmArgs args;
-    args.a = a.const_data_ptr<float>() + k0;
-    args.lda = a.stride(0);
-    args.packed_b = packed.const_data_ptr<float>();
-    args.c = c.mutable_data_ptr<float>();
-    args.ldc = c.stride(0);
-    args.m = m;
-    args.n = n;
-    args.k = depth;
-    args.row_block = kGemmRowBlock;
-    args.accumulate = accumulate || k0 > 0;
-    run_gemm_tasks(kernels, args);
-  }
+  const at::Tensor packed = pack_b_parallel(kernels, b);
+  GemmArgs args;
+  args.a = a.const_data_ptr<float>();
+  args.lda = a.stride(0);
+  args.packed_b = packed.const_data_ptr<float>();
+  args.c = c.mutable_data_ptr<float>();
+  args.ldc = c.stride(0);
+  args.m = m;
+  args.n = n;
+  args.k = k;
+  args.row_block = gemm_row_block(m, (n + width - 1) / width);
+  args.accumulate = accumulate;
+  run_gemm_tasks(kernels, args);
 }
 
 void matmul_out_cpu(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   if (c.scalar_type() != at::kFloat) return aten_matmul_out(c, a, b, accumulate);
   const int64_t m = a.size(0), n = b.size(1);
-  const int64_t width = rnn_cpu_kernels_select().gemm_panel_width();
-  // Compute c^T = b^T a^T instead when c is thin (n below a panel's width would fill
-  // few of its lanes, e.g. the input gradient for a small input_size), or when a is a
-  // transposed view (the weight gradients' dz^T) that would have to be copied whole
-  // while b^T (x^T, h^T) is the smaller copy.
-  if ((n < width && m > n) || (a.stride(1) != 1 && n < m)) {
+  // Compute c^T = b^T a^T instead when a is a transposed view (the projection's weight
+  // gradient, dP^T h) that would have to be copied whole while b^T is the smaller copy.
+  // A thin n (e.g. the input gradient at input_size 10) stays direct: the part-filled
+  // panel costs less than packing the large a^T would.
+  if (a.stride(1) != 1 && n < m) {
     at::Tensor c_t = at::empty({n, m}, c.options());
     packed_matmul_out(c_t, b.t(), a.t(), false);
     if (accumulate) {

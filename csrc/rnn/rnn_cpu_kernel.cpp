@@ -172,15 +172,25 @@ int64_t gemm_panel_width() { return kPanelWidth; }
 void pack_b(const float* b, int64_t k, int64_t n, int64_t stride_k, int64_t stride_n, float* packed) {
   const int64_t panels = (n + kPanelWidth - 1) / kPanelWidth;
   for (int64_t panel = 0; panel < panels; ++panel) {
+    const int64_t col0 = panel * kPanelWidth;
+    const bool contiguous_full = stride_n == 1 && col0 + kPanelWidth <= n;
     for (int64_t p = 0; p < k; ++p) {
       float* dst = packed + (panel * k + p) * kPanelWidth;
+      if (contiguous_full) {  // rows of B in place (dz, activations): one block copy
+        std::memcpy(dst, b + p * stride_k + col0, kPanelWidth * sizeof(float));
+        continue;
+      }
       for (int64_t j = 0; j < kPanelWidth; ++j) {
-        const int64_t col = panel * kPanelWidth + j;
+        const int64_t col = col0 + j;
         dst[j] = col < n ? b[p * stride_k + col * stride_n] : 0.0f;
       }
     }
   }
 }
+
+// k is walked in chunks so that a chunk of the packed panel (kDepthChunk x 32 floats
+// at AVX-512, 32 KB) stays in L1 while the task's row tiles sweep it.
+constexpr int64_t kDepthChunk = 256;
 
 void gemm(const rnn::GemmArgs& args, int64_t task_begin, int64_t task_end) {
   const int64_t panels = (args.n + kPanelWidth - 1) / kPanelWidth;
@@ -188,19 +198,23 @@ void gemm(const rnn::GemmArgs& args, int64_t task_begin, int64_t task_end) {
     const int64_t panel = task % panels;
     const int64_t row_begin = (task / panels) * args.row_block;
     const int64_t row_end = std::min(args.m, row_begin + args.row_block);
-    const float* packed = args.packed_b + panel * args.k * kPanelWidth;
     const int64_t col = panel * kPanelWidth;
     const int cols = static_cast<int>(std::min<int64_t>(kPanelWidth, args.n - col));
-    for (int64_t row = row_begin; row < row_end; row += kTileRows) {
-      const float* a = args.a + row * args.lda;
-      float* c = args.c + row * args.ldc + col;
-      switch (std::min<int64_t>(kTileRows, row_end - row)) {
-        case 6: gemm_tile<6>(a, args.lda, packed, args.k, c, args.ldc, cols, args.accumulate); break;
-        case 5: gemm_tile<5>(a, args.lda, packed, args.k, c, args.ldc, cols, args.accumulate); break;
-        case 4: gemm_tile<4>(a, args.lda, packed, args.k, c, args.ldc, cols, args.accumulate); break;
-        case 3: gemm_tile<3>(a, args.lda, packed, args.k, c, args.ldc, cols, args.accumulate); break;
-        case 2: gemm_tile<2>(a, args.lda, packed, args.k, c, args.ldc, cols, args.accumulate); break;
-        default: gemm_tile<1>(a, args.lda, packed, args.k, c, args.ldc, cols, args.accumulate); break;
+    for (int64_t k0 = 0; k0 < args.k; k0 += kDepthChunk) {
+      const int64_t depth = std::min(kDepthChunk, args.k - k0);
+      const float* packed = args.packed_b + (panel * args.k + k0) * kPanelWidth;
+      const bool accumulate = args.accumulate || k0 > 0;
+      for (int64_t row = row_begin; row < row_end; row += kTileRows) {
+        const float* a = args.a + row * args.lda + k0;
+        float* c = args.c + row * args.ldc + col;
+        switch (std::min<int64_t>(kTileRows, row_end - row)) {
+          case 6: gemm_tile<6>(a, args.lda, packed, depth, c, args.ldc, cols, accumulate); break;
+          case 5: gemm_tile<5>(a, args.lda, packed, depth, c, args.ldc, cols, accumulate); break;
+          case 4: gemm_tile<4>(a, args.lda, packed, depth, c, args.ldc, cols, accumulate); break;
+          case 3: gemm_tile<3>(a, args.lda, packed, depth, c, args.ldc, cols, accumulate); break;
+          case 2: gemm_tile<2>(a, args.lda, packed, depth, c, args.ldc, cols, accumulate); break;
+          default: gemm_tile<1>(a, args.lda, packed, depth, c, args.ldc, cols, accumulate); break;
+        }
       }
     }
   }

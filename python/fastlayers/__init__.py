@@ -13,7 +13,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from fastlayers import _extension, functional, models, nn, ops  # noqa: F401
 from fastlayers.backend import get_backend, set_backend, use_backend
-from fastlayers.convert import convert, revert
+from fastlayers.conversion import convert, revert
 from fastlayers.info import format_info, info
 
 __all__ = [

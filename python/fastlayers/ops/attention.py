@@ -12,6 +12,14 @@
 Rows that see no key (every key masked out, or an empty key sequence) give an output
 of 0 and gradients of 0, as torch's SDPA does on the CPU (its ``_safe_softmax``); their
 logsumexp is ``-inf``.
+
+Dropout: the mask is a pure function of a ``[seed, offset]`` pair drawn from torch's
+CPU generator once per call (:func:`draw_dropout_seed`, so ``torch.manual_seed``
+reproduces it) and of (slice, query row, key column), through Philox 4x32-10
+(csrc/attention/dropout.h; :func:`dropout_factors_reference` is the same function in
+torch ops). The backward regenerates it instead of storing it. It is not torch's own
+dropout stream: under the same seed, torch's SDPA drops other probabilities, so parity
+with torch under dropout is statistical, while parity with the references here is exact.
 """
 
 from __future__ import annotations
@@ -36,6 +44,62 @@ _TORCH_NAMES = {
 
 def _name(dtype: torch.dtype) -> str:
     return _TORCH_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+# ---- dropout mask --------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+
+
+def draw_dropout_seed(generator: torch.Generator | None = None) -> torch.Tensor:
+    """The ``[seed, offset]`` pair (int64, CPU) keying one call's dropout mask, drawn
+    from ``generator`` (torch's default CPU generator when None), which it advances."""
+    return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=generator)
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The high and low 32-bit words of a * b (a a 32-bit constant, b int64 in [0, 2^32)),
+    in 16-bit halves so that no int64 product overflows."""
+    low_half, high_half = b * (a & 0xFFFF), b * (a >> 16)  # each < 2^48
+    hi = (high_half + (low_half >> 16)) >> 16
+    lo = (low_half + ((high_half & 0xFFFF) << 16)) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox 4x32-10 (Random123's philox4x32_R(10)) on int64 tensors holding 32-bit
+    words; counters broadcast against each other. dropout.h's philox4x32_10 in torch ops."""
+    for _ in range(10):
+        hi0, lo0 = _mul_hi_lo(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mul_hi_lo(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_WEYL[0]) & _MASK32, (k1 + _PHILOX_WEYL[1]) & _MASK32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(dropout_p: float) -> int:
+    """Words (uniform on [0, 2^32)) at or above this are kept: probability 1 - p."""
+    return math.floor(dropout_p * 2**32 + 0.5)  # C++'s llround for p >= 0
+
+
+def dropout_factors_reference(dropout_seed, dropout_p: float, slices: int, q_len: int, kv_len: int, dtype, device):
+    """(slices, Lq, Lk) factors, 1/(1-p) where kept and 0 where dropped: the kernels'
+    mask (dropout.h) in torch ops. Element (bh, i, j) is word j % 4 of
+    philox4x32_10(counter=(j // 4, i, bh, offset), key=seed)."""
+    seed = dropout_seed.to(device=device, dtype=torch.int64)
+    k0, k1 = seed[0] & _MASK32, (seed[0] >> 32) & _MASK32
+    offset = seed[1] & _MASK32
+    quads = (kv_len + 3) // 4
+    c0 = torch.arange(quads, device=device, dtype=torch.int64).view(1, 1, quads)
+    c1 = torch.arange(q_len, device=device, dtype=torch.int64).view(1, q_len, 1)
+    c2 = torch.arange(slices, device=device, dtype=torch.int64).view(slices, 1, 1)
+    words = torch.stack(philox4x32_10(c0, c1, c2, offset, k0, k1), dim=-1)
+    words = words.expand(slices, q_len, quads, 4).reshape(slices, q_len, 4 * quads)[..., :kv_len]
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+    kept = torch.full((), keep_scale, dtype=dtype, device=device)
+    return torch.where(words >= dropout_threshold(dropout_p), kept, torch.zeros((), dtype=dtype, device=device))
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,6 +150,22 @@ def check_flash_args(query, key, value, attn_mask, op: str = "flash_attention") 
                 f"{op}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
                 f"(batch, heads, query length, key length) = {list(full)}"
             )
+
+
+def _check_dropout_args(dropout_p, dropout_seed, op: str) -> None:
+    """The C++ entry's checks of dropout_p and dropout_seed (attention.cpp: dropout_params)."""
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p == 0.0:
+        return
+    if dropout_seed is None:
+        raise RuntimeError(f"{op}: dropout_p = {dropout_p} needs dropout_seed, an int64 tensor [seed, offset]")
+    if dropout_seed.device.type != "cpu":
+        raise RuntimeError(f"{op}: dropout_seed must be on the CPU, got {dropout_seed.device}")
+    if dropout_seed.dtype != torch.int64:
+        raise TypeError(f"{op}: dropout_seed must be int64, got {dropout_seed.dtype}")
+    if dropout_seed.shape != (2,):
+        raise RuntimeError(f"{op}: dropout_seed must have shape [2] (seed, offset), got shape {list(dropout_seed.shape)}")
 
 
 def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
@@ -160,27 +240,51 @@ def _safe_softmax(s: torch.Tensor) -> torch.Tensor:
     return torch.softmax(s.masked_fill(hidden, 0.0), dim=-1).masked_fill(hidden, 0.0)
 
 
-def flash_attention_reference(query, key, value, attn_mask, is_causal: bool, scale: float):
+def _dropout_factors_4d(query, key, dropout_p, dropout_seed):
+    """The (B, H, Lq, Lk) dropout factors of the 4-D op, or None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    B, H, Lq, _ = query.shape
+    factors = dropout_factors_reference(dropout_seed, dropout_p, B * H, Lq, key.shape[2], query.dtype, query.device)
+    return factors.view(B, H, Lq, key.shape[2])
+
+
+def flash_attention_reference(
+    query, key, value, attn_mask, is_causal: bool, scale: float, dropout_p: float = 0.0, dropout_seed=None
+):
     """(output, logsumexp) of the 4-D op in plain, differentiable PyTorch ops."""
     check_flash_args(query, key, value, attn_mask)
     group = query.shape[1] // key.shape[1] if key.shape[1] else 1
     k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     s = _logits(query, k, attn_mask, is_causal, scale)
-    return torch.matmul(_safe_softmax(s), v), torch.logsumexp(s, dim=-1).to(lse_dtype(query.dtype))
+    p = _safe_softmax(s)
+    factors = _dropout_factors_4d(query, key, dropout_p, dropout_seed)
+    if factors is not None:
+        p = p * factors
+    return torch.matmul(p, v), torch.logsumexp(s, dim=-1).to(lse_dtype(query.dtype))
 
 
-def flash_attention_backward_reference(grad_output, query, key, value, attn_mask, is_causal: bool, scale: float):
-    """(grad_query, grad_key, grad_value) by the flash backward's formulas, differentiable."""
+def flash_attention_backward_reference(
+    grad_output, query, key, value, attn_mask, is_causal: bool, scale: float, dropout_p: float = 0.0, dropout_seed=None
+):
+    """(grad_query, grad_key, grad_value) by the flash backward's formulas, differentiable.
+
+    With dropout factors f: P_drop = P f, dV = P_drop^T dO, dS = P (f dO V^T - D) with
+    D = rowsum(dO * O), O = P_drop V."""
     B, H, Lq, _ = query.shape
     Hkv, Lk = key.shape[1], key.shape[2]
     group = H // Hkv if Hkv else 1
     k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     p = _safe_softmax(_logits(query, k, attn_mask, is_causal, scale))
     dp = torch.matmul(grad_output, v.transpose(-2, -1))
-    ds = p * (dp - (grad_output * torch.matmul(p, v)).sum(-1, keepdim=True))
+    factors = _dropout_factors_4d(query, key, dropout_p, dropout_seed)
+    p_kept = p if factors is None else p * factors
+    if factors is not None:
+        dp = dp * factors
+    ds = p * (dp - (grad_output * torch.matmul(p_kept, v)).sum(-1, keepdim=True))
     grad_query = torch.matmul(ds, k) * scale
     grad_key = (torch.matmul(ds.transpose(-2, -1), query) * scale).view(B, Hkv, group, Lk, -1).sum(2)
-    grad_value = torch.matmul(p.transpose(-2, -1), grad_output).view(B, Hkv, group, Lk, -1).sum(2)
+    grad_value = torch.matmul(p_kept.transpose(-2, -1), grad_output).view(B, Hkv, group, Lk, -1).sum(2)
     return grad_query, grad_key, grad_value
 
 
@@ -189,8 +293,10 @@ def scaled_dot_product_attention_reference(
 ):
     """torch's math definition in plain PyTorch ops (the oracle and the fallback).
 
-    Dropout draws from torch's generator exactly as torch's math backend does, so
-    under the same ``torch.manual_seed`` both drop the same probabilities.
+    Dropout draws one ``[seed, offset]`` pair from torch's generator
+    (:func:`draw_dropout_seed`) and drops with the kernels' counter-based mask, so the
+    reference and the kernel drop the same probabilities under the same
+    ``torch.manual_seed`` (torch's own SDPA drops others: its mask is another stream).
     """
     check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
@@ -203,7 +309,11 @@ def scaled_dot_product_attention_reference(
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     p = _safe_softmax(s)
     if dropout_p > 0.0:
-        p = torch.dropout(p, dropout_p, True)
+        # The (..., Lq, Lk) weights as (slices, Lq, Lk): slice = flat index of the leading
+        # dimensions, as the kernel's batch * heads + head.
+        slices = math.prod(p.shape[:-2])
+        factors = dropout_factors_reference(draw_dropout_seed(), dropout_p, slices, *p.shape[-2:], p.dtype, p.device)
+        p = p * factors.view(p.shape)
     return torch.matmul(p, value)
 
 
@@ -224,26 +334,30 @@ def _check_mask_shape(attn_mask, logits_shape) -> None:
 if _extension.available():
 
     @torch.library.register_fake("fastlayers::flash_attention")
-    def _flash_attention_fake(query, key, value, attn_mask, is_causal, scale):
+    def _flash_attention_fake(query, key, value, attn_mask, is_causal, scale, dropout_p=0.0, dropout_seed=None):
         check_flash_args(query, key, value, attn_mask)
+        _check_dropout_args(dropout_p, dropout_seed, "flash_attention")
         B, H, Lq, _ = query.shape
         output = query.new_empty((B, H, Lq, value.shape[3]))
         return output, query.new_empty((B, H, Lq), dtype=lse_dtype(query.dtype))
 
     @torch.library.register_fake("fastlayers::flash_attention_backward")
-    def _flash_attention_backward_fake(grad_output, query, key, value, output, logsumexp, attn_mask, is_causal, scale):
+    def _flash_attention_backward_fake(
+        grad_output, query, key, value, output, logsumexp, attn_mask, is_causal, scale, dropout_p=0.0, dropout_seed=None
+    ):
         check_flash_args(query, key, value, attn_mask, op="flash_attention_backward")
+        _check_dropout_args(dropout_p, dropout_seed, "flash_attention_backward")
         return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
     def _setup_context(ctx, inputs, output):
-        query, key, value, attn_mask, is_causal, scale = inputs
+        query, key, value, attn_mask, is_causal, scale, dropout_p, dropout_seed = inputs
         out, lse = output
-        ctx.is_causal, ctx.scale = is_causal, scale
-        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+        ctx.is_causal, ctx.scale, ctx.dropout_p = is_causal, scale, dropout_p
+        ctx.save_for_backward(query, key, value, attn_mask, out, lse, dropout_seed)
         ctx.mark_non_differentiable(lse)
 
     def _backward(ctx, grad_output, _grad_lse):
-        query, key, value, attn_mask, out, lse = ctx.saved_tensors
+        query, key, value, attn_mask, out, lse, dropout_seed = ctx.saved_tensors
         if ctx.needs_input_grad[3]:
             raise RuntimeError(
                 "flash_attention: the gradient with respect to attn_mask is not computed by the kernel; "
@@ -252,13 +366,14 @@ if _extension.available():
         if torch.is_grad_enabled():
             # create_graph=True: a gradient built from differentiable reference ops.
             grads = flash_attention_backward_reference(
-                grad_output, query, key, value, attn_mask, ctx.is_causal, ctx.scale
+                grad_output, query, key, value, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p, dropout_seed
             )
         else:
             grads = torch.ops.fastlayers.flash_attention_backward.default(
-                grad_output, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale
+                grad_output, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, ctx.dropout_p,
+                dropout_seed,
             )
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None, None)
 
     torch.library.register_autograd("fastlayers::flash_attention", _backward, setup_context=_setup_context)
 
@@ -327,16 +442,20 @@ def scaled_dot_product_attention(
     ``1/sqrt(E)``) and ``enable_gqa``. The kernel keeps only O(L) extra memory: tiles,
     and a logsumexp per query row for the backward.
 
-    Runs the pure-PyTorch reference instead of the kernel (same results, O(Lq*Lk)
-    memory) for ``dropout_p > 0`` (the kernel has no dropout yet), for a float
-    ``attn_mask`` that requires grad (the kernel computes no mask gradient), for dtypes
+    ``dropout_p > 0`` drops probabilities (scaling the kept ones by ``1/(1-p)``) with a
+    counter-based mask keyed by a ``[seed, offset]`` pair drawn from torch's CPU
+    generator (reproducible under ``torch.manual_seed``; regenerated in the backward,
+    never stored). It is not torch's dropout stream: the same seed drops other
+    probabilities than torch's SDPA does (same keep rate and scaling).
+
+    Runs the pure-PyTorch reference instead of the kernel (same results, same dropout
+    mask, O(Lq*Lk) memory) for a float ``attn_mask`` that requires grad (the kernel computes no mask gradient), for dtypes
     other than float32/float64/float16/bfloat16, and on devices without fastlayers
     attention kernels; on CUDA also for head or value dims above 256.
     """
     check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     needs_reference = (
-        dropout_p > 0.0
-        or (attn_mask is not None and attn_mask.requires_grad)
+        (attn_mask is not None and attn_mask.requires_grad)
         or (query.device.type == "cuda" and max(query.shape[-1], value.shape[-1]) > CUDA_MAX_HEAD_DIM)
     )
     if needs_reference or not _kernel_runs_on(query.device) or query.dtype not in _SUPPORTED_DTYPES:
@@ -345,5 +464,8 @@ def scaled_dot_product_attention(
         )
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     q, k, v, mask, out_shape = _as_4d(query, key, value, attn_mask, enable_gqa)
-    out, _ = torch.ops.fastlayers.flash_attention.default(q, k, v, mask, is_causal, float(scale))
+    dropout_seed = draw_dropout_seed() if dropout_p > 0.0 else None
+    out, _ = torch.ops.fastlayers.flash_attention.default(
+        q, k, v, mask, is_causal, float(scale), float(dropout_p), dropout_seed
+    )
     return out.view(out_shape)
