@@ -1,7 +1,6 @@
 """`fastlayers train`: training runs, checkpoints and resume, errors, --compare-native, DDP."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -159,22 +158,17 @@ def test_unreadable_and_foreign_checkpoints_are_refused(capsys, tmp_path):
         main(["train", "--resume", str(lstm), "--compare-native"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_training_on_loopback(tmp_path):
     checkpoint = tmp_path / "ddp.pt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "-m", "fastlayers", "train", *TINY_LSTM, "--epochs", "2",
-               "--checkpoint", str(checkpoint)]
+    # --standalone: torchrun picks a free port for its rendezvous on localhost itself
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "fastlayers", "train", *TINY_LSTM, "--epochs", "2", "--checkpoint", str(checkpoint)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 processes" in result.stdout
-    assert result.stdout.count("final test accuracy") == 1  # only rank 0 prints
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "2 processes" in result.stdout, output
+    assert result.stdout.count("final test accuracy") == 1, output  # only rank 0 prints
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["epoch"] == 2
     # each process saw half of each epoch; the loss is averaged over both halves

@@ -387,6 +387,7 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    finished = False
     try:
         torch.manual_seed(hyper.seed)  # initial weights
         model = build_model(name, model_kwargs)
@@ -443,7 +444,10 @@ def run(args: argparse.Namespace) -> int:
             console.print(table)
             console.print(f"speed: fastlayers is {native.seconds_per_epoch() / main.seconds_per_epoch():.2f}x native per epoch; "
                           f"test accuracy difference {100 * (main.final_test_acc() - native.final_test_acc()):+.2f} points")
+        finished = True
     finally:
         if distributed is not None:
+            if finished:  # all ranks done before any tears down gloo's connections (else: abort at exit)
+                dist.barrier()
             dist.destroy_process_group()
     return 0
