@@ -59,6 +59,9 @@ export ASAN_OPTIONS="detect_leaks=0:protect_shadow_gap=0:halt_on_error=1:abort_o
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export CUDA_VISIBLE_DEVICES=""
 export FASTLAYERS_REQUIRE_EXTENSION=1
+# The sanitized build is CPU-only whatever the caller asked for (.ci/run exports
+# FASTLAYERS_CUDA=on for the main build; tests/test_package.py reads it).
+export FASTLAYERS_CUDA=off
 
 # The fast subset: every op's forward and backward kernels on every ISA (parity grids,
 # gradcheck, bad-input checks, threads, determinism), leaving out torch.compile (it
