@@ -190,7 +190,7 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, enable_g
             "Expected attn_mask dtype to be bool or float or to match query dtype, but got attn_mask.dtype: "
             f"{_name(attn_mask.dtype)} and  query.dtype: {_name(query.dtype)} instead."
         )
-    if attn_mask is not None and is_causal:
+    if attn_mask is not None and is_causal and _TORCH_REJECTS_MASK_WITH_CAUSAL:
         raise RuntimeError("_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     if not 0.0 <= dropout_p <= 1.0:
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
@@ -209,6 +209,24 @@ def check_sdpa_args(query, key, value, attn_mask, dropout_p, is_causal, enable_g
                 "Number of heads in key and value must divide the number of heads in query: "
                 f"query heads {Hq}, key heads {Hkv}, value heads {value.shape[-3]}"
             )
+
+
+def _torch_rejects_mask_with_causal() -> bool:
+    """Whether the installed torch's CPU SDPA refuses attn_mask together with is_causal.
+
+    torch 2.14 raises; torch 2.13's CPU kernel accepts it and applies both (the kernels
+    and references here apply both too), so fastlayers follows the installed torch.
+    Probed once at import, so torch.compile traces a constant.
+    """
+    x = torch.zeros(1, 1, 2, 2)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=torch.ones(2, 2, dtype=torch.bool), is_causal=True)
+    except RuntimeError:
+        return True
+    return False
+
+
+_TORCH_REJECTS_MASK_WITH_CAUSAL = _torch_rejects_mask_with_causal()
 
 
 def _gqa_heads(query, key, value, enable_gqa):
