@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlayers.functional import bias_act, scaled_dot_product_attention
+from fastlayers.functional import bias_act, conv2d, conv2d_relu, scaled_dot_product_attention
 from fastlayers.ops.attention import scaled_dot_product_attention_reference
 from fastlayers.ops.bias_act import bias_act_reference
 from helpers import TOLERANCES, requires_extension
@@ -85,3 +85,26 @@ def test_attention_output_beyond_two_to_the_31_elements():
     for b in (0, batch // 2, batch - 2, batch - 1):
         torch.testing.assert_close(out[b : b + 1].double(), expected, rtol=rtol, atol=atol)
     assert torch.equal(out[0], out[-1])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["conv2d", "conv2d_relu"])
+def test_conv2d_output_beyond_two_to_the_31_elements(fused):
+    _require_memory(11)  # an 8 GiB float32 output, the input's padded copy (~150 MiB)
+    batch, out_channels, size = 2**15 + 1, 64, 32
+    assert batch * out_channels * size * size > 2**31
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, 1, size, size, generator=gen)
+    w = torch.randn(out_channels, 1, 3, 3, generator=gen)
+    b = torch.randn(out_channels, generator=gen)
+    # Every image is the same, so every output image must equal the single image's output;
+    # channels_last keeps the output in the kernel's own layout (no 8 GiB conversion copy).
+    x = x1.expand(batch, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+    y = (conv2d_relu if fused else conv2d)(x, w, b, padding=1)
+    del x
+    assert y.numel() > 2**31
+    expected = torch.nn.functional.conv2d(x1.double(), w.double(), b.double(), padding=1)
+    if fused:
+        expected = expected.relu()
+    rtol, atol = TOLERANCES[torch.float32]
+    for i in (0, batch // 2, batch - 2, batch - 1):
+        torch.testing.assert_close(y[i : i + 1].double(), expected, rtol=rtol, atol=atol)
