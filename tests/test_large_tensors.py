@@ -3,11 +3,12 @@
 Every CPU kernel computes offsets in int64_t (loop counters, strides and their
 products); the CUDA kernels index with int64_t too and check their grid limits
 (2^31 - 1 blocks along x, 65535 along y and z) with a clear error before launching.
-These tests run an op whose output has more than 2^31 elements and compare its last
-elements, the ones a 32-bit offset would wrap around for, with the reference. They
-need about 9 GiB of free memory, so they are marked slow and skip when
-/proc/meminfo's MemAvailable is lower.
-"""
+These tests run an op whose output (forward) or grad_output and saved output
+(backward) has more than 2^31 elements and compare the elements a 32-bit offset would
+wrap around for with the reference: a wrapped write would leave them unwritten
+(forward), a wrapped read would fetch another batch entry's data, which differs
+(backward). They need up to 11 GiB of free memory, so they are marked slow and
+skip when /proc/meminfo's MemAvailable is lower."""
 
 from __future__ import annotations
 
@@ -108,3 +109,74 @@ def test_conv2d_output_beyond_two_to_the_31_elements(fused):
     rtol, atol = TOLERANCES[torch.float32]
     for i in (0, batch // 2, batch - 2, batch - 1):
         torch.testing.assert_close(y[i : i + 1].double(), expected, rtol=rtol, atol=atol)
+
+
+def test_attention_backward_beyond_two_to_the_31_elements():
+    _require_memory(9)  # the 4 GiB bfloat16 output, per-entry values and gradients (~2.5 GiB)
+    batch, heads, q_len, kv_len, head_dim, value_dim = 2**19 + 1, 1, 64, 3, 8, 64
+    gen = torch.Generator().manual_seed(0)
+    q1 = torch.randn(1, heads, q_len, head_dim, generator=gen).to(torch.bfloat16)
+    k1 = torch.randn(1, heads, kv_len, head_dim, generator=gen).to(torch.bfloat16)
+    g1 = torch.randn(1, heads, q_len, value_dim, generator=gen).to(torch.bfloat16)
+    q = q1.expand(batch, -1, -1, -1)
+    k = k1.expand(batch, -1, -1, -1)
+    g = g1.expand(batch, -1, -1, -1)  # grad_output: a stride-0 view, read in place
+    # The values differ per batch entry, so the output (beyond 2^31 elements) does too,
+    # and a wrapped 32-bit offset into it would read another entry's rows.
+    v = torch.randn(batch, heads, kv_len, value_dim, generator=gen).to(torch.bfloat16)
+    scale = head_dim**-0.5
+    out, lse = torch.ops.fastlayers.flash_attention.default(q, k, v, None, False, scale)
+    assert out.numel() > 2**31
+    grad_q, grad_k, grad_v = torch.ops.fastlayers.flash_attention_backward.default(
+        g, q, k, v, out, lse, None, False, scale
+    )
+    del out, lse
+    for b in (0, batch // 2, batch - 2, batch - 1):
+        # The same entry as a batch of one (small offsets only): the kernels sum in an
+        # order that depends on the shape within an entry, never on the batch, so the
+        # gradients must be the same bits. (That call's accuracy against the float64
+        # reference is what the rest of the suite checks.)
+        v_b = v[b : b + 1].clone()
+        out_b, lse_b = torch.ops.fastlayers.flash_attention.default(q1, k1, v_b, None, False, scale)
+        single = torch.ops.fastlayers.flash_attention_backward.default(g1, q1, k1, v_b, out_b, lse_b, None, False, scale)
+        for name, actual, expected in zip(("query", "key", "value"), (grad_q, grad_k, grad_v), single):
+            assert torch.equal(actual[b : b + 1], expected), f"grad_{name} of batch entry {b} differs"
+        # ... and the computation is the real one: close to the float64 reference.
+        qd, kd, vd = (t.double().requires_grad_(True) for t in (q1, k1, v_b))
+        reference = torch.autograd.grad(scaled_dot_product_attention_reference(qd, kd, vd, scale=scale), (qd, kd, vd), g1.double())
+        for actual, expected in zip((grad_q, grad_k, grad_v), reference):
+            torch.testing.assert_close(actual[b : b + 1].double(), expected, rtol=0.05, atol=0.05)
+
+
+def test_conv2d_backward_beyond_two_to_the_31_elements():
+    _require_memory(11)  # an 8 GiB float32 grad_output (channels_last: read in place)
+    batch, out_channels, size = 2**15 + 1, 64, 32
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, 1, size, size, generator=gen)
+    w = torch.randn(out_channels, 1, 1, 1, generator=gen)  # 1x1, no padding: no padded copy
+    g1 = torch.randn(1, out_channels, size, size, generator=gen)
+    x = x1.expand(batch, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+    # grad_output is zero except three images scaled by 1, 2 and 3; the last one lies
+    # beyond element 2^31, and a wrapped offset would read image 0 (factor 1) instead.
+    g = torch.empty(batch, out_channels, size, size, memory_format=torch.channels_last).zero_()
+    assert g.numel() > 2**31
+    factors = {0: 1.0, batch // 2: 2.0, batch - 1: 3.0}
+    for i, f in factors.items():
+        g[i].copy_(g1[0] * f)
+    args = ([1, 1], [0, 0], [1, 1], 1)
+    grad_input = torch.ops.fastlayers.conv2d_backward_input.default(g, w, list(x.shape), *args)
+    grad_weight = torch.ops.fastlayers.conv2d_backward_weight.default(g, x, list(w.shape), *args)
+    grad_bias = torch.ops.fastlayers.conv2d_backward_bias.default(g)
+    del g
+    xd, wd = x1.double().requires_grad_(True), w.double().requires_grad_(True)
+    bd = torch.zeros(out_channels, dtype=torch.float64, requires_grad=True)
+    single = torch.autograd.grad(torch.nn.functional.conv2d(xd, wd, bd), (xd, wd, bd), g1.double())
+    # float32 sums of 64 (grad_input) and 3 x 1024 (grad_weight, grad_bias) products:
+    # a wrapped offset would change a result by a factor (1 instead of 3), far outside.
+    rtol, atol = 1e-4, 1e-4
+    for i in (0, 1, batch // 2, batch - 2, batch - 1):
+        expected = single[0] * factors.get(i, 0.0)
+        torch.testing.assert_close(grad_input[i : i + 1].double(), expected, rtol=rtol, atol=atol)
+    total = sum(factors.values())
+    torch.testing.assert_close(grad_weight.double(), single[1] * total, rtol=rtol, atol=atol * total)
+    torch.testing.assert_close(grad_bias.double(), single[2] * total, rtol=rtol, atol=atol * total)
