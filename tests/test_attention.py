@@ -250,6 +250,25 @@ def test_empty_key_sequence_gives_zeros_and_empty_query_an_empty_output():
     assert sdpa(q, k, v).shape == (1, 2, 0, 8)
 
 
+def test_float32_probabilities_are_accurate_over_the_whole_logit_range(cpu_isa):
+    # Each query sees two keys with logits 0 and x (q = [x, 0, ...], k0 = 0, k1 = e_0,
+    # scale 1) and the values are the unit vectors, so its output is the softmax
+    # (1 / (1 + e^x), e^x / (1 + e^x)): the kernel's exp (csrc/common/math.h,
+    # exp_nonpositive) against float64 over x from -90 to 0. Within 4 ulp (exp <= 1.4 ulp,
+    # then the sum, its reciprocal and the product round once each); for x < -87.33
+    # (e^x < 1.183e-38, about FLT_MIN) the probability flushes to 0.
+    x = torch.cat([torch.linspace(-90.0, 0.0, 200_003), torch.tensor([-87.34, -87.33, -87.32, -1e-30, -0.0, 0.0])])
+    q = torch.zeros(1, 1, x.numel(), 16)
+    q[0, 0, :, 0] = x
+    k = torch.zeros(1, 1, 2, 16)
+    k[0, 0, 1, 0] = 1.0
+    v = torch.eye(2).view(1, 1, 2, 2)
+    for query in (q, q.transpose(1, 2).contiguous().transpose(1, 2)):  # and non-contiguous rows
+        out = sdpa(query, k, v, scale=1.0)[0, 0].double()
+        e = x.double().exp()
+        expected = torch.stack([1 / (1 + e), e / (1 + e)], dim=1)
+        torch.testing.assert_close(out, expected, rtol=4 * 2**-24, atol=1.19e-38)
+
 # ---- the functional: parity with torch's SDPA ---------------------------------------------
 
 # (query shape, key shape, value shape, enable_gqa): head dims 8..256, lengths 1..300,

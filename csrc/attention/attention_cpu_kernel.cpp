@@ -346,14 +346,14 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
 #pragma omp simd
       for (int64_t r = 0; r < nq; ++r) {
         // A row that has seen no key yet keeps m = -inf, l = 0, O = 0 and gets P = 0.
-        alpha[r] = new_max[r] == kNegInf<T> ? T(1) : math::exp(row_max[r] - new_max[r]);
+        alpha[r] = new_max[r] == kNegInf<T> ? T(1) : math::exp_nonpositive(row_max[r] - new_max[r]);
         tile_sum[r] = T(0);
       }
       for (int64_t c = 0; c < nk; ++c) {
         T* s = st_tile + c * kBlockQ;
 #pragma omp simd
         for (int64_t r = 0; r < nq; ++r) {
-          const T p = new_max[r] == kNegInf<T> ? T(0) : math::exp(s[r] - new_max[r]);  // exp(-inf) == 0
+          const T p = new_max[r] == kNegInf<T> ? T(0) : math::exp_nonpositive(s[r] - new_max[r]);  // exp(-inf) == 0
           s[r] = p;
           tile_sum[r] += p;
         }
@@ -436,7 +436,7 @@ FL_INLINE void probabilities_and_grad_row(int64_t count, T* s, T* dp, T lse, T d
   // that the stores to s and dp might alias (scalar code was 3x slower in the backward).
 #pragma omp simd
   for (int64_t x = 0; x < count; ++x) {
-    const T p = math::exp(s[x] - lse);
+    const T p = math::exp_nonpositive(s[x] - lse);
     s[x] = p;
     dp[x] = p * (dp[x] - dot);
   }
@@ -455,7 +455,7 @@ FL_INLINE void probabilities_and_grad_row_dropout(int64_t count, T* s, T* dp, co
   }
 #pragma omp simd
   for (int64_t x = 0; x < count; ++x) {
-    const T p = math::exp(s[x] - lse);
+    const T p = math::exp_nonpositive(s[x] - lse);
     s[x] = p * f[x];
     dp[x] = p * (dp[x] * f[x] - dot);
   }
@@ -472,7 +472,7 @@ FL_INLINE void probabilities_and_grad_column(int64_t count, T* __restrict s, T* 
 #pragma omp simd
     for (int64_t x = 0; x < count; ++x) {
       const T l = lse[x];
-      const T p = l == kNegInf<T> ? T(0) : math::exp(s[x] - l);
+      const T p = l == kNegInf<T> ? T(0) : math::exp_nonpositive(s[x] - l);
       s[x] = p;
       dp[x] = p * (dp[x] * f[x] - dot[x]);
     }
@@ -481,7 +481,7 @@ FL_INLINE void probabilities_and_grad_column(int64_t count, T* __restrict s, T* 
 #pragma omp simd
   for (int64_t x = 0; x < count; ++x) {
     const T l = lse[x];
-    const T p = l == kNegInf<T> ? T(0) : math::exp(s[x] - l);
+    const T p = l == kNegInf<T> ? T(0) : math::exp_nonpositive(s[x] - l);
     s[x] = p;
     dp[x] = p * (dp[x] - dot[x]);
   }
