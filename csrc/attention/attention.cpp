@@ -150,6 +150,65 @@ Shape check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& que
   return s;
 }
 
+ForwardCall prepare_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,
+                            double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                            DeviceCheck check_device) {
+  const char* op = "flash_attention";
+  ForwardCall c;
+  c.shape = check_inputs(query, key, value, attn_mask, op);
+  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
+  if (check_device) check_device(c.shape, op);
+  const Shape& s = c.shape;
+  c.q = rows_contiguous(query);
+  c.k = rows_contiguous(key);
+  c.v = rows_contiguous(value);
+  if (attn_mask.has_value()) c.mask = additive_mask(*attn_mask, c.q, s);
+  c.output = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, c.q.options());
+  c.logsumexp = at::empty({s.batch, s.heads, s.q_len}, c.q.options().dtype(lse_dtype(c.q)));
+  c.args.in = make_inputs(c.q, c.k, c.v, c.mask, s, is_causal, scale, op);
+  c.args.in.dropout = dropout;
+  c.args.output = c.output.mutable_data_ptr();
+  c.args.logsumexp = c.logsumexp.mutable_data_ptr();
+  return c;
+}
+
+BackwardCall prepare_backward(const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+                              const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,
+                              double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                              DeviceCheck check_device) {
+  const char* op = "flash_attention_backward";
+  BackwardCall c;
+  c.shape = check_backward_inputs(grad_output, query, key, value, output, logsumexp, attn_mask, op);
+  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
+  if (check_device) check_device(c.shape, op);
+  const Shape& s = c.shape;
+  c.q = rows_contiguous(query);
+  c.k = rows_contiguous(key);
+  c.v = rows_contiguous(value);
+  c.grad_output = rows_contiguous(grad_output);
+  c.output = output.contiguous();
+  c.logsumexp = logsumexp.contiguous();
+  if (attn_mask.has_value()) c.mask = additive_mask(*attn_mask, c.q, s);
+  c.grad_query = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, c.q.options());
+  c.grad_key = at::empty({s.batch, s.kv_heads, s.kv_len, s.head_dim}, c.q.options());
+  c.grad_value = at::empty({s.batch, s.kv_heads, s.kv_len, s.value_dim}, c.q.options());
+  c.row_dot = at::empty({s.batch, s.heads, s.q_len}, c.logsumexp.options());
+  BackwardArgs& args = c.args;
+  args.in = make_inputs(c.q, c.k, c.v, c.mask, s, is_causal, scale, op);
+  args.in.dropout = dropout;
+  args.grad_output = c.grad_output.const_data_ptr();
+  args.grad_output_strides = row_strides(c.grad_output);
+  args.output = c.output.const_data_ptr();
+  args.logsumexp = c.logsumexp.const_data_ptr();
+  args.row_dot = c.row_dot.mutable_data_ptr();
+  args.grad_query = c.grad_query.mutable_data_ptr();
+  args.grad_key = c.grad_key.mutable_data_ptr();
+  args.grad_value = c.grad_value.mutable_data_ptr();
+  return c;
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, const at::Tensor& key,
@@ -157,56 +216,26 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cpu(const at::Tensor& query, 
                                                        const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                                        double scale, double dropout_p,
                                                        const std::optional<at::Tensor>& dropout_seed) {
-  const char* op = "flash_attention";
-  const Shape s = check_inputs(query, key, value, attn_mask, op);
-  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
-  at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
-  at::Tensor mask = attn_mask.has_value() ? additive_mask(*attn_mask, q, s) : at::Tensor();
-  at::Tensor output = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
-  at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(lse_dtype(q)));
-  if (output.numel() == 0 && lse.numel() == 0) return {output, lse};
-  ForwardArgs args;
-  args.in = make_inputs(q, k, v, mask, s, is_causal, scale, op);
-  args.in.dropout = dropout;
-  args.output = output.mutable_data_ptr();
-  args.logsumexp = lse.mutable_data_ptr();
+  ForwardCall c = prepare_forward(query, key, value, attn_mask, is_causal, scale, dropout_p, dropout_seed);
+  if (c.output.numel() == 0 && c.logsumexp.numel() == 0) return {c.output, c.logsumexp};
   const CpuKernels& kernels = attention_cpu_kernels_select();
-  at::parallel_for(0, forward_units(s), 1, [&](int64_t b, int64_t e) { kernels.forward(args, b, e); });
-  return {output, lse};
+  at::parallel_for(0, forward_units(c.shape), 1, [&](int64_t b, int64_t e) { kernels.forward(c.args, b, e); });
+  return {c.output, c.logsumexp};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
     bool is_causal, double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
-  const char* op = "flash_attention_backward";
-  const Shape s = check_backward_inputs(grad_output, query, key, value, output, logsumexp, attn_mask, op);
-  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
-  at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
-  at::Tensor g = rows_contiguous(grad_output);
-  at::Tensor o = output.contiguous(), lse = logsumexp.contiguous();
-  at::Tensor mask = attn_mask.has_value() ? additive_mask(*attn_mask, q, s) : at::Tensor();
-  at::Tensor grad_query = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
-  at::Tensor grad_key = at::empty({s.batch, s.kv_heads, s.kv_len, s.head_dim}, q.options());
-  at::Tensor grad_value = at::empty({s.batch, s.kv_heads, s.kv_len, s.value_dim}, q.options());
+  BackwardCall c = prepare_backward(grad_output, query, key, value, output, logsumexp, attn_mask, is_causal, scale,
+                                    dropout_p, dropout_seed);
+  const Shape& s = c.shape;
   if (s.q_len == 0 || s.batch == 0 || s.heads == 0) {  // no query sees anything: all gradients are 0
-    grad_key.zero_();
-    grad_value.zero_();
-    return {grad_query, grad_key, grad_value};
+    c.grad_key.zero_();
+    c.grad_value.zero_();
+    return {c.grad_query, c.grad_key, c.grad_value};
   }
-  at::Tensor row_dot = at::empty({s.batch, s.heads, s.q_len}, lse.options());
-
-  BackwardArgs args;
-  args.in = make_inputs(q, k, v, mask, s, is_causal, scale, op);
-  args.in.dropout = dropout;
-  args.grad_output = g.const_data_ptr();
-  args.grad_output_strides = row_strides(g);
-  args.output = o.const_data_ptr();
-  args.logsumexp = lse.const_data_ptr();
-  args.row_dot = row_dot.mutable_data_ptr();
-  args.grad_query = grad_query.mutable_data_ptr();
-  args.grad_key = grad_key.mutable_data_ptr();
-  args.grad_value = grad_value.mutable_data_ptr();
+  BackwardArgs& args = c.args;
   const CpuKernels& kernels = attention_cpu_kernels_select();
   at::parallel_for(0, row_dot_units(s), 1, [&](int64_t b, int64_t e) { kernels.backward_row_dot(args, b, e); });
   // Enough (batch, kv head) pairs for every thread: one fused pass (dK, dV and dQ, five
@@ -214,7 +243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
   // parallel). Both give the same bits, so the thread count never changes the result.
   if (fused_backward_units(s) >= at::get_num_threads()) {
     const int64_t ld = (s.head_dim + 31) / 32 * 32;
-    at::Tensor accumulator = at::zeros({s.batch * s.heads, ceil_div(s.q_len, kBlockQ) * kBlockQ, ld}, lse.options());
+    at::Tensor accumulator =
+        at::zeros({s.batch * s.heads, ceil_div(s.q_len, kBlockQ) * kBlockQ, ld}, c.logsumexp.options());
     args.grad_query_accumulator = accumulator.mutable_data_ptr();
     args.grad_query_accumulator_ld = ld;
     at::parallel_for(0, fused_backward_units(s), 1,
@@ -224,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cpu(
                      [&](int64_t b, int64_t e) { kernels.backward_key_value(args, b, e); });
     at::parallel_for(0, forward_units(s), 1, [&](int64_t b, int64_t e) { kernels.backward_query(args, b, e); });
   }
-  return {grad_query, grad_key, grad_value};
+  return {c.grad_query, c.grad_key, c.grad_value};
 }
 
 }  // namespace

@@ -42,4 +42,32 @@ DropoutParams dropout_params(double dropout_p, const std::optional<at::Tensor>& 
 // float64 for float64 inputs, else float32.
 at::ScalarType lse_dtype(const at::Tensor& query);
 
+// One flash_attention call, checked and laid out for a kernel: the tensors the kernel
+// arguments point into (kept alive here) and the arguments. `check_device` adds a
+// device's own limits to the checks, before anything is allocated (CUDA: a current
+// device guard must be in place). The CPU and CUDA glue only launch.
+struct ForwardCall {
+  Shape shape;
+  at::Tensor q, k, v, mask, output, logsumexp;
+  ForwardArgs args;
+};
+using DeviceCheck = void (*)(const Shape& shape, const char* op);
+ForwardCall prepare_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,
+                            double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                            DeviceCheck check_device = nullptr);
+
+// The same for flash_attention_backward; grad_query/key/value are allocated
+// uninitialized, row_dot (D = rowsum(dO * O)) too.
+struct BackwardCall {
+  Shape shape;
+  at::Tensor q, k, v, grad_output, output, logsumexp, mask, row_dot, grad_query, grad_key, grad_value;
+  BackwardArgs args;
+};
+BackwardCall prepare_backward(const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,
+                              const at::Tensor& value, const at::Tensor& output, const at::Tensor& logsumexp,
+                              const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,
+                              double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+                              DeviceCheck check_device = nullptr);
+
 }  // namespace fastlayers::attention

@@ -34,55 +34,25 @@ std::tuple<at::Tensor, at::Tensor> flash_attention_cuda(const at::Tensor& query,
                                                         const std::optional<at::Tensor>& attn_mask, bool is_causal,
                                                         double scale, double dropout_p,
                                                         const std::optional<at::Tensor>& dropout_seed) {
-  const char* op = "flash_attention";
-  const Shape s = check_inputs(query, key, value, attn_mask, op);
-  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
-  check_cuda_limits(s, op);
   const c10::cuda::CUDAGuard guard(query.device());
-  at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
-  at::Tensor mask = attn_mask.has_value() ? additive_mask(*attn_mask, q, s) : at::Tensor();
-  at::Tensor output = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, q.options());
-  at::Tensor lse = at::empty({s.batch, s.heads, s.q_len}, q.options().dtype(lse_dtype(q)));
-  ForwardArgs args;
-  args.in = make_inputs(q, k, v, mask, s, is_causal, scale, op);
-  args.in.dropout = dropout;
-  args.output = output.mutable_data_ptr();
-  args.logsumexp = lse.mutable_data_ptr();
-  check_launch(launch_forward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), op);
-  return {output, lse};
+  ForwardCall c =
+      prepare_forward(query, key, value, attn_mask, is_causal, scale, dropout_p, dropout_seed, &check_cuda_limits);
+  check_launch(launch_forward_cuda(c.args, at::cuda::getCurrentCUDAStream().stream()), "flash_attention");
+  return {c.output, c.logsumexp};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attention_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& output, const at::Tensor& logsumexp, const std::optional<at::Tensor>& attn_mask,
     bool is_causal, double scale, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
-  const char* op = "flash_attention_backward";
-  const Shape s = check_backward_inputs(grad_output, query, key, value, output, logsumexp, attn_mask, op);
-  const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
-  check_cuda_limits(s, op);
   const c10::cuda::CUDAGuard guard(query.device());
-  at::Tensor q = rows_contiguous(query), k = rows_contiguous(key), v = rows_contiguous(value);
-  at::Tensor g = rows_contiguous(grad_output);
-  at::Tensor o = output.contiguous(), lse = logsumexp.contiguous();
-  at::Tensor mask = attn_mask.has_value() ? additive_mask(*attn_mask, q, s) : at::Tensor();
-  at::Tensor grad_query = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, q.options());
+  BackwardCall c = prepare_backward(grad_output, query, key, value, output, logsumexp, attn_mask, is_causal, scale,
+                                    dropout_p, dropout_seed, &check_cuda_limits);
   // Zero-filled: with no query rows (or none that reach a key block) nothing is written.
-  at::Tensor grad_key = at::zeros({s.batch, s.kv_heads, s.kv_len, s.head_dim}, q.options());
-  at::Tensor grad_value = at::zeros({s.batch, s.kv_heads, s.kv_len, s.value_dim}, q.options());
-  at::Tensor row_dot = at::empty({s.batch, s.heads, s.q_len}, lse.options());
-  BackwardArgs args;
-  args.in = make_inputs(q, k, v, mask, s, is_causal, scale, op);
-  args.in.dropout = dropout;
-  args.grad_output = g.const_data_ptr();
-  args.grad_output_strides = row_strides(g);
-  args.output = o.const_data_ptr();
-  args.logsumexp = lse.const_data_ptr();
-  args.row_dot = row_dot.mutable_data_ptr();
-  args.grad_query = grad_query.mutable_data_ptr();
-  args.grad_key = grad_key.mutable_data_ptr();
-  args.grad_value = grad_value.mutable_data_ptr();
-  check_launch(launch_backward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), op);
-  return {grad_query, grad_key, grad_value};
+  c.grad_key.zero_();
+  c.grad_value.zero_();
+  check_launch(launch_backward_cuda(c.args, at::cuda::getCurrentCUDAStream().stream()), "flash_attention_backward");
+  return {c.grad_query, c.grad_key, c.grad_value};
 }
 
 }  // namespace
