@@ -150,20 +150,33 @@ Shape check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& que
   return s;
 }
 
+namespace {
+
+// The checked shape, the device's own check, then query/key/value and the mask as the
+// kernels read them.
+void lay_out_inputs(CallInputs& c, const Shape& shape, const at::Tensor& query, const at::Tensor& key,
+                    const at::Tensor& value, const std::optional<at::Tensor>& attn_mask, DeviceCheck check_device,
+                    const char* op) {
+  c.shape = shape;
+  if (check_device) check_device(shape, op);
+  c.q = rows_contiguous(query);
+  c.k = rows_contiguous(key);
+  c.v = rows_contiguous(value);
+  if (attn_mask.has_value()) c.mask = additive_mask(*attn_mask, c.q, shape);
+}
+
+}  // namespace
+
 ForwardCall prepare_forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const std::optional<at::Tensor>& attn_mask, bool is_causal, double scale,
                             double dropout_p, const std::optional<at::Tensor>& dropout_seed,
                             DeviceCheck check_device) {
   const char* op = "flash_attention";
   ForwardCall c;
-  c.shape = check_inputs(query, key, value, attn_mask, op);
+  const Shape shape = check_inputs(query, key, value, attn_mask, op);
   const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
-  if (check_device) check_device(c.shape, op);
+  lay_out_inputs(c, shape, query, key, value, attn_mask, check_device, op);
   const Shape& s = c.shape;
-  c.q = rows_contiguous(query);
-  c.k = rows_contiguous(key);
-  c.v = rows_contiguous(value);
-  if (attn_mask.has_value()) c.mask = additive_mask(*attn_mask, c.q, s);
   c.output = at::empty({s.batch, s.heads, s.q_len, s.value_dim}, c.q.options());
   c.logsumexp = at::empty({s.batch, s.heads, s.q_len}, c.q.options().dtype(lse_dtype(c.q)));
   c.args.in = make_inputs(c.q, c.k, c.v, c.mask, s, is_causal, scale, op);
@@ -180,17 +193,13 @@ BackwardCall prepare_backward(const at::Tensor& grad_output, const at::Tensor& q
                               DeviceCheck check_device) {
   const char* op = "flash_attention_backward";
   BackwardCall c;
-  c.shape = check_backward_inputs(grad_output, query, key, value, output, logsumexp, attn_mask, op);
+  const Shape shape = check_backward_inputs(grad_output, query, key, value, output, logsumexp, attn_mask, op);
   const DropoutParams dropout = dropout_params(dropout_p, dropout_seed, op);
-  if (check_device) check_device(c.shape, op);
+  lay_out_inputs(c, shape, query, key, value, attn_mask, check_device, op);
   const Shape& s = c.shape;
-  c.q = rows_contiguous(query);
-  c.k = rows_contiguous(key);
-  c.v = rows_contiguous(value);
   c.grad_output = rows_contiguous(grad_output);
   c.output = output.contiguous();
   c.logsumexp = logsumexp.contiguous();
-  if (attn_mask.has_value()) c.mask = additive_mask(*attn_mask, c.q, s);
   c.grad_query = at::empty({s.batch, s.heads, s.q_len, s.head_dim}, c.q.options());
   c.grad_key = at::empty({s.batch, s.kv_heads, s.kv_len, s.head_dim}, c.q.options());
   c.grad_value = at::empty({s.batch, s.kv_heads, s.kv_len, s.value_dim}, c.q.options());

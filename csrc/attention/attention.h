@@ -46,9 +46,12 @@ at::ScalarType lse_dtype(const at::Tensor& query);
 // arguments point into (kept alive here) and the arguments. `check_device` adds a
 // device's own limits to the checks, before anything is allocated (CUDA: a current
 // device guard must be in place). The CPU and CUDA glue only launch.
-struct ForwardCall {
+struct CallInputs {
   Shape shape;
-  at::Tensor q, k, v, mask, output, logsumexp;
+  at::Tensor q, k, v, mask;  // rows contiguous; the mask additive, viewed (B, H, Lq, Lk)
+};
+struct ForwardCall : CallInputs {
+  at::Tensor output, logsumexp;
   ForwardArgs args;
 };
 using DeviceCheck = void (*)(const Shape& shape, const char* op);
@@ -59,9 +62,8 @@ ForwardCall prepare_forward(const at::Tensor& query, const at::Tensor& key, cons
 
 // The same for flash_attention_backward; grad_query/key/value are allocated
 // uninitialized, row_dot (D = rowsum(dO * O)) too.
-struct BackwardCall {
-  Shape shape;
-  at::Tensor q, k, v, grad_output, output, logsumexp, mask, row_dot, grad_query, grad_key, grad_value;
+struct BackwardCall : CallInputs {
+  at::Tensor grad_output, output, logsumexp, row_dot, grad_query, grad_key, grad_value;
   BackwardArgs args;
 };
 BackwardCall prepare_backward(const at::Tensor& grad_output, const at::Tensor& query, const at::Tensor& key,

@@ -234,6 +234,37 @@ const S* mask_column_ptr(const Inputs& in, int64_t b, int64_t h, int64_t i0, int
 // order gives every thread a mix of short and long blocks.
 FL_INLINE int64_t zigzag(int64_t u, int64_t n) { return u % 2 == 0 ? u / 2 : n - 1 - u / 2; }
 
+// Head sizes of one call as the tiles see them: dims padded to the GEMM's panel width.
+template <class T> struct HeadDims {
+  int64_t E, Ev, Ep, Evp;
+  int64_t group;  // query heads per kv head
+  T scale;
+  explicit HeadDims(const Inputs& in)
+      : E(in.shape.head_dim),
+        Ev(in.shape.value_dim),
+        Ep(round_up(E, kPanelCols<T>)),
+        Evp(round_up(Ev, kPanelCols<T>)),
+        group(in.shape.heads / in.shape.kv_heads),
+        scale(T(in.scale)) {}
+};
+
+// The (batch, head, block of kBlockQ query rows) of a forward or dQ unit, blocks in
+// zigzag order within a head; nq rows, padded to Mq (GEMM rows) and Nq (GEMM columns).
+template <class T> struct QueryBlock {
+  int64_t bh, b, h, hk, i0, nq, Mq, Nq;
+  QueryBlock(const attention::Shape& sh, int64_t group, int64_t unit) {
+    const int64_t q_blocks = attention::ceil_div(sh.q_len, kBlockQ);
+    bh = unit / q_blocks;
+    b = bh / sh.heads;
+    h = bh % sh.heads;
+    hk = h / group;
+    i0 = zigzag(unit % q_blocks, q_blocks) * kBlockQ;
+    nq = std::min(kBlockQ, sh.q_len - i0);
+    Mq = round_up(nq, kRowsPerPanel);
+    Nq = round_up(nq, kPanelCols<T>);
+  }
+};
+
 // The dropout factors (keep_scale or 0) of query rows i0 .. i0 + nq and keys j0 .. j0 + nk
 // (j0 a multiple of 4) of slice bh: f[c * ld + r] (kKeyMajor, the S^T layout) or
 // f[r * ld + c]. Up to round_up(nk, 4) keys are written (one Philox call per 4 keys), so
@@ -280,11 +311,9 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   using T = compute_t<S>;
   const Inputs& in = args.in;
   const auto& sh = in.shape;
-  const int64_t E = sh.head_dim, Ev = sh.value_dim;
-  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
-  const int64_t q_blocks = attention::ceil_div(sh.q_len, kBlockQ);
-  const int64_t group = sh.heads / sh.kv_heads;
-  const T scale = T(in.scale);
+  const HeadDims<T> dims(in);
+  const int64_t E = dims.E, Ev = dims.Ev, Ep = dims.Ep, Evp = dims.Evp;
+  const T scale = dims.scale;
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) +
@@ -310,12 +339,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   T* lse = static_cast<T*>(args.logsumexp);
 
   for (int64_t unit = begin; unit < end; ++unit) {
-    const int64_t bh = unit / q_blocks;
-    const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / group;
-    const int64_t i0 = zigzag(unit % q_blocks, q_blocks) * kBlockQ;
-    const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
-    const int64_t Mq = round_up(nq, kRowsPerPanel);
-    const int64_t Nq = round_up(nq, kPanelCols<T>);
+    const QueryBlock<T> blk(sh, dims.group, unit);
+    const int64_t bh = blk.bh, b = blk.b, h = blk.h, hk = blk.hk, i0 = blk.i0, nq = blk.nq, Mq = blk.Mq, Nq = blk.Nq;
 
     copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ,
                          scale);
@@ -501,11 +526,10 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   using T = compute_t<S>;
   const Inputs& in = args.in;
   const auto& sh = in.shape;
-  const int64_t E = sh.head_dim, Ev = sh.value_dim;
-  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
+  const HeadDims<T> dims(in);
+  const int64_t E = dims.E, Ev = dims.Ev, Ep = dims.Ep, Evp = dims.Evp, group = dims.group;
+  const T scale = dims.scale;
   const int64_t k_blocks = attention::ceil_div(sh.kv_len, kBlockK);
-  const int64_t group = sh.heads / sh.kv_heads;
-  const T scale = T(in.scale);
   T* dq_accumulator = static_cast<T*>(args.grad_query_accumulator);
   const bool fused = dq_accumulator != nullptr;
   const int64_t q_rows_padded = attention::ceil_div(sh.q_len, kBlockQ) * kBlockQ;
@@ -623,11 +647,9 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   using T = compute_t<S>;
   const Inputs& in = args.in;
   const auto& sh = in.shape;
-  const int64_t E = sh.head_dim, Ev = sh.value_dim;
-  const int64_t Ep = round_up(E, kPanelCols<T>), Evp = round_up(Ev, kPanelCols<T>);
-  const int64_t q_blocks = attention::ceil_div(sh.q_len, kBlockQ);
-  const int64_t group = sh.heads / sh.kv_heads;
-  const T scale = T(in.scale);
+  const HeadDims<T> dims(in);
+  const int64_t E = dims.E, Ev = dims.Ev, Ep = dims.Ep, Evp = dims.Evp;
+  const T scale = dims.scale;
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockQ) + W::size_of(Ev * kBlockQ) + W::size_of(kBlockK * Ep) +
@@ -653,12 +675,8 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   S* grad_query = static_cast<S*>(args.grad_query);
 
   for (int64_t unit = begin; unit < end; ++unit) {
-    const int64_t bh = unit / q_blocks;
-    const int64_t b = bh / sh.heads, h = bh % sh.heads, hk = h / group;
-    const int64_t i0 = zigzag(unit % q_blocks, q_blocks) * kBlockQ;
-    const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
-    const int64_t Mq = round_up(nq, kRowsPerPanel);
-    const int64_t Nq = round_up(nq, kPanelCols<T>);
+    const QueryBlock<T> blk(sh, dims.group, unit);
+    const int64_t bh = blk.bh, b = blk.b, h = blk.h, hk = blk.hk, i0 = blk.i0, nq = blk.nq, Mq = blk.Mq, Nq = blk.Nq;
 
     copy_rows_transposed(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, qt_tile, kBlockQ,
                          scale);

@@ -30,18 +30,19 @@ FL_INLINE float bits_to_float(uint32_t bits) {
 FL_INLINE float pow2i(int32_t n) { return bits_to_float(static_cast<uint32_t>(n + 127) << 23); }
 
 // Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then the Cephes degree-6
-// polynomial for e^r; the scale 2^n is applied in two halves so results in the
-// subnormal range and overflow to +inf come out right.
-FL_INLINE float exp_finite(float x) {
+// polynomial: e^x = p 2^n. t = x log2(e) + 1.5 * 2^23 rounds to n (round-to-nearest-
+// even; unlike std::floor it vectorizes on every ISA, SSE2 has no roundps), and its low
+// mantissa bits hold n + 2^22.
+constexpr float kRoundMagic = 12582912.0f;
+struct ExpParts {
+  float p, n, t;
+};
+FL_INLINE ExpParts exp_parts(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
-  // Adding 1.5 * 2^23 rounds to the nearest integer (round-to-nearest-even); unlike
-  // std::floor it vectorizes on every ISA (SSE2 has no roundps).
-  constexpr float kRoundMagic = 12582912.0f;
-  x = x > 88.8f ? 88.8f : x;
-  x = x < -104.0f ? -104.0f : x;
-  float n = (x * kLog2e + kRoundMagic) - kRoundMagic;
+  const float t = x * kLog2e + kRoundMagic;
+  const float n = t - kRoundMagic;
   float r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
   float p = 1.9875691500e-4f;
@@ -51,9 +52,18 @@ FL_INLINE float exp_finite(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  int32_t ni = static_cast<int32_t>(n);
+  return {p, n, t};
+}
+
+// e^x for finite x; the scale 2^n is applied in two halves so results in the subnormal
+// range and overflow to +inf come out right.
+FL_INLINE float exp_finite(float x) {
+  x = x > 88.8f ? 88.8f : x;
+  x = x < -104.0f ? -104.0f : x;
+  const ExpParts e = exp_parts(x);
+  int32_t ni = static_cast<int32_t>(e.n);
   int32_t n1 = ni >> 1;
-  return p * pow2i(n1) * pow2i(ni - n1);
+  return e.p * pow2i(n1) * pow2i(ni - n1);
 }
 
 }  // namespace detail
@@ -81,32 +91,16 @@ FL_HOST_DEVICE FL_INLINE float exp_nonpositive(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
 #else
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: t's low mantissa bits hold n + 2^22
-  constexpr float kFlushBelow = -87.33f;      // e^-87.33 = 1.183e-38, just above FLT_MIN
-  const bool flush = x < kFlushBelow;        // false for NaN, which then stays NaN below
-  const float xc = flush ? kFlushBelow : x;
-  const float t = xc * kLog2e + kRoundMagic;
-  const float n = t - kRoundMagic;
-  float r = xc - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+  constexpr float kFlushBelow = -87.33f;  // e^-87.33 = 1.183e-38, just above FLT_MIN
+  const bool flush = x < kFlushBelow;    // false for NaN, which then stays NaN below
+  const detail::ExpParts e = detail::exp_parts(flush ? kFlushBelow : x);
   // n from t's bits, not a float -> int conversion (undefined for NaN); unsigned
   // arithmetic, so any bits (NaN's garbage exponent included) are defined.
   uint32_t t_bits, magic_bits;
-  std::memcpy(&t_bits, &t, sizeof(t_bits));
-  const float magic = kRoundMagic;
-  std::memcpy(&magic_bits, &magic, sizeof(magic_bits));
+  std::memcpy(&t_bits, &e.t, sizeof(t_bits));
+  std::memcpy(&magic_bits, &detail::kRoundMagic, sizeof(magic_bits));
   const float scale = detail::bits_to_float((t_bits - magic_bits + 127u) << 23);
-  return flush ? 0.0f : p * scale;
+  return flush ? 0.0f : e.p * scale;
 #endif
 }
 
