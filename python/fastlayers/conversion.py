@@ -48,6 +48,7 @@ from torch.nn.modules.utils import _pair
 from torch.nn.utils import parametrize
 
 from fastlayers import nn as fnn
+from fastlayers.nn.attention import mha_constructor_args
 
 __all__ = ["convert", "revert"]
 
@@ -147,18 +148,7 @@ def _twin(module: nn.Module, cls: type) -> nn.Module:
     if issubclass(cls, (nn.Conv1d, nn.Conv2d)):
         return _conv_twin(module, cls)
     if issubclass(cls, nn.MultiheadAttention):
-        return cls(
-            module.embed_dim,
-            module.num_heads,
-            dropout=module.dropout,
-            bias=module.in_proj_bias is not None,
-            add_bias_kv=module.bias_k is not None,
-            add_zero_attn=module.add_zero_attn,
-            kdim=module.kdim,
-            vdim=module.vdim,
-            batch_first=module.batch_first,
-            device="meta",
-        )
+        return cls(**mha_constructor_args(module), device="meta")
     if issubclass(cls, nn.RNNBase):
         extra = {"nonlinearity": module.nonlinearity} if cls in (nn.RNN, fnn.RNN) else {"proj_size": module.proj_size}
         return cls(

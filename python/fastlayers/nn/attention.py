@@ -163,6 +163,22 @@ def _multi_head_attention_forward(
     return out, None
 
 
+def mha_constructor_args(module: nn.MultiheadAttention) -> dict:
+    """The constructor arguments (all but device and dtype) that rebuild ``module``'s
+    hyperparameters, for torch.nn.MultiheadAttention or its fastlayers twin."""
+    return dict(
+        embed_dim=module.embed_dim,
+        num_heads=module.num_heads,
+        dropout=module.dropout,
+        bias=module.in_proj_bias is not None,
+        add_bias_kv=module.bias_k is not None,
+        add_zero_attn=module.add_zero_attn,
+        kdim=module.kdim,
+        vdim=module.vdim,
+        batch_first=module.batch_first,
+    )
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` with the attention computed by
     ``fastlayers.functional.scaled_dot_product_attention``.
@@ -205,19 +221,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.MultiheadAttention, got {type(module)}")
         weight = module.out_proj.weight
-        out = cls(
-            module.embed_dim,
-            module.num_heads,
-            dropout=module.dropout,
-            bias=module.in_proj_bias is not None,
-            add_bias_kv=module.bias_k is not None,
-            add_zero_attn=module.add_zero_attn,
-            kdim=module.kdim,
-            vdim=module.vdim,
-            batch_first=module.batch_first,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
+        out = cls(**mha_constructor_args(module), device=weight.device, dtype=weight.dtype)
         out.load_state_dict(module.state_dict())
         out.train(module.training)
         return out
