@@ -758,35 +758,46 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cpu(const at::Tensor& 
 
 // grad_conv (NHWC, dense) from the pooled gradient, output and argmax (any strides):
 // each conv pixel takes its window's gradient if it is the window's argmax and the
-// pooled output is not <= 0 (threshold_backward's rule), else 0. One pass over
-// grad_conv, no separate fill; conv pixels outside every window get 0.
+// pooled output is not <= 0 (threshold_backward's rule), else 0. A task owns the two
+// conv rows of one window row: it zeroes them, then scatters each window's gradient to
+// its argmax pixel, reading the pooled tensors in their memory order (along the
+// window row when they are NCHW, along the channels when channels_last), one read of
+// each per window instead of one per conv pixel. Conv rows below every window (odd
+// height) are zeroed by the image's last task.
 template <class T>
 void unpool_relu(const at::Tensor& grad, const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& grad_conv) {
   const T* g = grad.const_data_ptr<T>();
   const T* y = pooled.const_data_ptr<T>();
   const uint8_t* idx = argmax.const_data_ptr<uint8_t>();
   T* out = grad_conv.mutable_data_ptr<T>();
-  const int64_t conv_h = grad_conv.size(1), conv_w = grad_conv.size(2), channels = grad_conv.size(3);
+  const int64_t batch = grad_conv.size(0), conv_h = grad_conv.size(1), conv_w = grad_conv.size(2);
+  const int64_t channels = grad_conv.size(3);
   const int64_t pooled_h = pooled.size(2), pooled_w = pooled.size(3);
+  const int64_t row_len = conv_w * channels;
   const auto gs = grad.strides(), ys = pooled.strides(), is = argmax.strides();
-  at::parallel_for(0, grad_conv.size(0) * conv_h, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / conv_h, oh = row % conv_h, ph = oh / 2;
-      T* o = out + row * conv_w * channels;
-      for (int64_t ow = 0; ow < conv_w; ++ow, o += channels) {
-        const int64_t pw = ow / 2;
-        if (ph >= pooled_h || pw >= pooled_w) {
-          for (int64_t c = 0; c < channels; ++c) o[c] = T(0);
-          continue;
-        }
-        const uint8_t q = uint8_t((oh % 2) * 2 + ow % 2);
-        const int64_t gi = n * gs[0] + ph * gs[2] + pw * gs[3];
-        const int64_t yi = n * ys[0] + ph * ys[2] + pw * ys[3];
-        const int64_t ii = n * is[0] + ph * is[2] + pw * is[3];
-        for (int64_t c = 0; c < channels; ++c) {
-          const bool pass = idx[ii + c * is[1]] == q && !(y[yi + c * ys[1]] <= T(0));
-          o[c] = pass ? g[gi + c * gs[1]] : T(0);
-        }
+  const int64_t window_rows = std::max<int64_t>(pooled_h, 1);  // tasks of one image
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, 2 * row_len));
+  const bool channels_inner = gs[1] < gs[3];
+  at::parallel_for(0, batch * window_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / window_rows, ph = task % window_rows;
+      const int64_t first_row = 2 * ph, end_row = ph + 1 == window_rows ? conv_h : 2 * ph + 2;
+      T* rows = out + (n * conv_h + first_row) * row_len;
+      std::fill(rows, rows + (end_row - first_row) * row_len, T(0));
+      if (ph >= pooled_h) continue;
+      auto scatter = [&](int64_t pw, int64_t c) {
+        const uint8_t q = idx[n * is[0] + c * is[1] + ph * is[2] + pw * is[3]];
+        if (q > 3) return;  // not a window position: no conv pixel matches it (gradient 0)
+        const T yv = y[n * ys[0] + c * ys[1] + ph * ys[2] + pw * ys[3]];
+        const T gv = g[n * gs[0] + c * gs[1] + ph * gs[2] + pw * gs[3]];
+        rows[(q / 2) * row_len + (2 * pw + q % 2) * channels + c] = yv <= T(0) ? T(0) : gv;
+      };
+      if (channels_inner) {
+        for (int64_t pw = 0; pw < pooled_w; ++pw)
+          for (int64_t c = 0; c < channels; ++c) scatter(pw, c);
+      } else {
+        for (int64_t c = 0; c < channels; ++c)
+          for (int64_t pw = 0; pw < pooled_w; ++pw) scatter(pw, c);
       }
     }
   });
