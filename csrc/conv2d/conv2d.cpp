@@ -785,19 +785,34 @@ void unpool_relu(const at::Tensor& grad, const at::Tensor& pooled, const at::Ten
       T* rows = out + (n * conv_h + first_row) * row_len;
       std::fill(rows, rows + (end_row - first_row) * row_len, T(0));
       if (ph >= pooled_h) continue;
-      auto scatter = [&](int64_t pw, int64_t c) {
-        const uint8_t q = idx[n * is[0] + c * is[1] + ph * is[2] + pw * is[3]];
-        if (q > 3) return;  // not a window position: no conv pixel matches it (gradient 0)
-        const T yv = y[n * ys[0] + c * ys[1] + ph * ys[2] + pw * ys[3]];
-        const T gv = g[n * gs[0] + c * gs[1] + ph * gs[2] + pw * gs[3]];
-        rows[(q / 2) * row_len + (2 * pw + q % 2) * channels + c] = yv <= T(0) ? T(0) : gv;
-      };
+      const T* g_row = g + n * gs[0] + ph * gs[2];
+      const T* y_row = y + n * ys[0] + ph * ys[2];
+      const uint8_t* i_row = idx + n * is[0] + ph * is[2];
+      // q > 3 is not a window position: no conv pixel matches it (gradient 0).
       if (channels_inner) {
-        for (int64_t pw = 0; pw < pooled_w; ++pw)
-          for (int64_t c = 0; c < channels; ++c) scatter(pw, c);
+        for (int64_t pw = 0; pw < pooled_w; ++pw) {
+          const T* gp = g_row + pw * gs[3];
+          const T* yp = y_row + pw * ys[3];
+          const uint8_t* ip = i_row + pw * is[3];
+          T* window = rows + 2 * pw * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const uint8_t q = ip[c * is[1]];
+            if (q > 3) continue;
+            window[(q / 2) * row_len + (q % 2) * channels + c] = yp[c * ys[1]] <= T(0) ? T(0) : gp[c * gs[1]];
+          }
+        }
       } else {
-        for (int64_t c = 0; c < channels; ++c)
-          for (int64_t pw = 0; pw < pooled_w; ++pw) scatter(pw, c);
+        for (int64_t c = 0; c < channels; ++c) {
+          const T* gp = g_row + c * gs[1];
+          const T* yp = y_row + c * ys[1];
+          const uint8_t* ip = i_row + c * is[1];
+          T* channel = rows + c;
+          for (int64_t pw = 0; pw < pooled_w; ++pw) {
+            const uint8_t q = ip[pw * is[3]];
+            if (q > 3) continue;
+            channel[(q / 2) * row_len + (2 * pw + q % 2) * channels] = yp[pw * ys[3]] <= T(0) ? T(0) : gp[pw * gs[3]];
+          }
+        }
       }
     }
   });
