@@ -24,6 +24,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/torch_utils.h"
@@ -121,6 +123,45 @@ Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor
 bool wants_channels_last(const at::Tensor& input, const at::Tensor& weight) {
   return input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
          weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// Positions [0, first) and [size - last, size) of one dimension include every position
+// with a tap landing outside [0, out).
+static std::pair<int64_t, int64_t> outside_tap_span(int64_t size, int64_t out, int64_t kernel, int64_t stride,
+                                                    int64_t pad, int64_t dilation) {
+  int64_t first = 0, last = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    for (int64_t k = 0; k < kernel; ++k) {
+      const int64_t reach = i + pad - k * dilation;
+      if (((reach % stride) + stride) % stride != 0) continue;  // tap k never reaches i
+      if (reach < 0) first = std::max(first, i + 1);
+      if (reach >= 0 && reach / stride >= out) last = std::max(last, size - i);
+    }
+  }
+  first = std::min(first, size);
+  return {first, std::min(last, size - first)};
+}
+
+EdgeGeometry edge_geometry(const Geometry& g) {
+  EdgeGeometry e;
+  e.height = g.height;
+  e.width = g.width;
+  e.out_h = g.out_h;
+  e.out_w = g.out_w;
+  e.kernel_h = g.kernel_h;
+  e.kernel_w = g.kernel_w;
+  e.stride_h = g.stride_h;
+  e.stride_w = g.stride_w;
+  e.pad_h = g.pad_h;
+  e.pad_w = g.pad_w;
+  e.dilation_h = g.dilation_h;
+  e.dilation_w = g.dilation_w;
+  e.in_channels = g.in_channels;
+  e.in_per_group = g.in_per_group();
+  e.out_per_group = g.out_per_group();
+  std::tie(e.top, e.bottom) = outside_tap_span(g.height, g.out_h, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
+  std::tie(e.left, e.right) = outside_tap_span(g.width, g.out_w, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+  return e;
 }
 
 namespace {
@@ -394,28 +435,67 @@ PhaseTaps phase_taps(int64_t phase, int64_t kernel, int64_t stride, int64_t pad,
   return t;
 }
 
+// Whether every element of a contiguous float or double tensor is finite: an integer
+// test of the exponent bits (all ones: inf or NaN) that the compiler vectorizes, a few
+// microseconds for a large layer's weight.
+template <class T, class Bits>
+bool all_finite_typed(const at::Tensor& t) {
+  static_assert(sizeof(T) == sizeof(Bits));
+  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  const Bits* bits = reinterpret_cast<const Bits*>(t.const_data_ptr<T>());
+  const int64_t n = t.numel();
+  Bits non_finite = 0;
+  for (int64_t i = 0; i < n; ++i) non_finite |= Bits((bits[i] & kExponent) == kExponent);
+  return non_finite == 0;
+}
+
+bool all_finite(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return c.scalar_type() == at::kDouble ? all_finite_typed<double, uint64_t>(c) : all_finite_typed<float, uint32_t>(c);
+}
+
+// EdgeGeometry's exact sum over the taps that land inside grad_output, written over
+// the edge pixels of grad_input (any strides). Scalar: it only runs for a non-finite
+// weight.
+template <class T>
+void recompute_edge_grad_input(const at::Tensor& grad_output, const at::Tensor& weight, const EdgeGeometry& e,
+                               at::Tensor& grad_input) {
+  const auto go = grad_output.accessor<T, 4>();
+  const auto w = weight.accessor<T, 4>();
+  auto out = grad_input.accessor<T, 4>();
+  const int64_t pixels = e.pixels();
+  at::parallel_for(0, grad_input.size(0) * pixels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / pixels;
+      int64_t ih = 0, iw = 0;
+      e.pixel(task % pixels, ih, iw);
+      for (int64_t ci = 0; ci < e.in_channels; ++ci) {
+        const int64_t co_begin = ci / e.in_per_group * e.out_per_group, cl = ci % e.in_per_group;
+        T sum = 0;
+        for (int64_t kh = 0; kh < e.kernel_h; ++kh) {
+          int64_t oh = 0;
+          if (!tap_source(ih, kh, e.stride_h, e.pad_h, e.dilation_h, e.out_h, oh)) continue;
+          for (int64_t kw = 0; kw < e.kernel_w; ++kw) {
+            int64_t ow = 0;
+            if (!tap_source(iw, kw, e.stride_w, e.pad_w, e.dilation_w, e.out_w, ow)) continue;
+            for (int64_t co = co_begin; co < co_begin + e.out_per_group; ++co) sum += go[n][co][oh][ow] * w[co][cl][kh][kw];
+          }
+        }
+        out[n][ci][ih][iw] = sum;
+      }
+    }
+  });
+}
+
 // grad-input, one stride phase at a time: the input pixels (a + s_h i, b + s_w j) only
 // receive the taps of phase (a, b), so each phase is a stride-1 convolution of the
 // zero-padded grad_output with those taps (flipped, transposed) and no work is spent
-// on zeros. Stride 1 is the single phase with every tap.
-at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
-                                     at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "conv2d_backward_input";
-  kernel_dtype(grad_output, op, "grad_output");
-  check_same(op, grad_output, "weight", weight);
-  const Geometry g = make_geometry(op, input_size, weight.sizes(), stride, padding, dilation, groups);
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
-                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
-              op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
-              "], got ", grad_output.sizes());
-  const bool channels_last = grad_output.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  const at::Tensor go = to_compute(grad_output);
-  const at::Tensor w =
-      to_compute(weight).reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
-  // An input without pixels (the padding alone gives the output its size) has no
-  // phase to run; its gradient is empty.
-  if (g.height == 0 || g.width == 0) return at::zeros(input_size, grad_output.options());
+// on zeros. Stride 1 is the single phase with every tap. The result has
+// the compute dtype (float or double), NCHW or channels_last as grad_output.
+at::Tensor grad_input_passes(const at::Tensor& go, const at::Tensor& weight, const Geometry& g) {
+  const bool channels_last = go.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const at::Tensor w = weight.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  const std::vector<int64_t> input_size = {g.batch, g.in_channels, g.height, g.width};
   const bool single_phase = g.stride_h == 1 && g.stride_w == 1;
   at::Tensor grad_input;
   if (!single_phase) {
@@ -434,7 +514,7 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
         target = grad_input.slice(2, a, g.height, g.stride_h).slice(3, b, g.width, g.stride_w);
       }
       if (th.taps.empty() || tw.taps.empty()) {  // no tap reaches these input pixels
-        if (single_phase) return at::zeros(input_size, grad_output.options());
+        if (single_phase) return at::zeros(input_size, go.options());
         target.zero_();
         continue;
       }
@@ -462,12 +542,41 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
                                  .permute({0, 3, 4, 1, 2})
                                  .reshape({g.groups, -1, g.in_per_group()}));
       at::Tensor phase_grad = run_pass(p, channels_last);
-      if (single_phase) return phase_grad.to(grad_output.scalar_type());
+      if (single_phase) return phase_grad;
       target.copy_(phase_grad);
     }
   }
+  return grad_input;
+}
+
+at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
+                                     at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "conv2d_backward_input";
+  kernel_dtype(grad_output, op, "grad_output");
+  check_same(op, grad_output, "weight", weight);
+  const Geometry g = make_geometry(op, input_size, weight.sizes(), stride, padding, dilation, groups);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
+                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+              op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
+              "], got ", grad_output.sizes());
+  // An input without pixels (the padding alone gives the output its size) has no
+  // phase to run; its gradient is empty.
+  if (g.height == 0 || g.width == 0) return at::zeros(input_size, grad_output.options());
+  const at::Tensor go = to_compute(grad_output);
+  const at::Tensor w = to_compute(weight);
+  at::Tensor grad_input = grad_input_passes(go, w, g);
+  // The passes multiply taps landing outside grad_output by zeros: exact unless a weight
+  // is NaN or infinite. One reduction over the (small) weight decides; only then are the
+  // edge pixels recomputed, skipping those taps as torch does (see EdgeGeometry).
+  const EdgeGeometry edges = edge_geometry(g);
+  if (edges.pixels() > 0 && g.batch > 0 && !all_finite(w)) {
+    AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "conv2d_backward_input_edges",
+                               [&] { recompute_edge_grad_input<scalar_t>(go, w, edges, grad_input); });
+  }
   return grad_input.to(grad_output.scalar_type());
 }
+
 
 // How many chunks of output pixels a grad-weight pass reduces separately (their partial
 // sums are then added in chunk order). A function of the shape only, never of the
@@ -649,34 +758,60 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cpu(const at::Tensor& 
 
 // grad_conv (NHWC, dense) from the pooled gradient, output and argmax (any strides):
 // each conv pixel takes its window's gradient if it is the window's argmax and the
-// pooled output is not <= 0 (threshold_backward's rule), else 0. One pass over
-// grad_conv, no separate fill; conv pixels outside every window get 0.
+// pooled output is not <= 0 (threshold_backward's rule), else 0. A task owns the two
+// conv rows of one window row: it zeroes them, then scatters each window's gradient to
+// its argmax pixel, reading the pooled tensors in their memory order (along the
+// window row when they are NCHW, along the channels when channels_last), one read of
+// each per window instead of one per conv pixel. Conv rows below every window (odd
+// height) are zeroed by the image's last task.
 template <class T>
 void unpool_relu(const at::Tensor& grad, const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& grad_conv) {
   const T* g = grad.const_data_ptr<T>();
   const T* y = pooled.const_data_ptr<T>();
   const uint8_t* idx = argmax.const_data_ptr<uint8_t>();
   T* out = grad_conv.mutable_data_ptr<T>();
-  const int64_t conv_h = grad_conv.size(1), conv_w = grad_conv.size(2), channels = grad_conv.size(3);
+  const int64_t batch = grad_conv.size(0), conv_h = grad_conv.size(1), conv_w = grad_conv.size(2);
+  const int64_t channels = grad_conv.size(3);
   const int64_t pooled_h = pooled.size(2), pooled_w = pooled.size(3);
+  const int64_t row_len = conv_w * channels;
   const auto gs = grad.strides(), ys = pooled.strides(), is = argmax.strides();
-  at::parallel_for(0, grad_conv.size(0) * conv_h, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / conv_h, oh = row % conv_h, ph = oh / 2;
-      T* o = out + row * conv_w * channels;
-      for (int64_t ow = 0; ow < conv_w; ++ow, o += channels) {
-        const int64_t pw = ow / 2;
-        if (ph >= pooled_h || pw >= pooled_w) {
-          for (int64_t c = 0; c < channels; ++c) o[c] = T(0);
-          continue;
+  const int64_t window_rows = std::max<int64_t>(pooled_h, 1);  // tasks of one image
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, 2 * row_len));
+  const bool channels_inner = gs[1] < gs[3];
+  at::parallel_for(0, batch * window_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / window_rows, ph = task % window_rows;
+      const int64_t first_row = 2 * ph, end_row = ph + 1 == window_rows ? conv_h : 2 * ph + 2;
+      T* rows = out + (n * conv_h + first_row) * row_len;
+      std::fill(rows, rows + (end_row - first_row) * row_len, T(0));
+      if (ph >= pooled_h) continue;
+      const T* g_row = g + n * gs[0] + ph * gs[2];
+      const T* y_row = y + n * ys[0] + ph * ys[2];
+      const uint8_t* i_row = idx + n * is[0] + ph * is[2];
+      // q > 3 is not a window position: no conv pixel matches it (gradient 0).
+      if (channels_inner) {
+        for (int64_t pw = 0; pw < pooled_w; ++pw) {
+          const T* gp = g_row + pw * gs[3];
+          const T* yp = y_row + pw * ys[3];
+          const uint8_t* ip = i_row + pw * is[3];
+          T* window = rows + 2 * pw * channels;
+          for (int64_t c = 0; c < channels; ++c) {
+            const uint8_t q = ip[c * is[1]];
+            if (q > 3) continue;
+            window[(q / 2) * row_len + (q % 2) * channels + c] = yp[c * ys[1]] <= T(0) ? T(0) : gp[c * gs[1]];
+          }
         }
-        const uint8_t q = uint8_t((oh % 2) * 2 + ow % 2);
-        const int64_t gi = n * gs[0] + ph * gs[2] + pw * gs[3];
-        const int64_t yi = n * ys[0] + ph * ys[2] + pw * ys[3];
-        const int64_t ii = n * is[0] + ph * is[2] + pw * is[3];
+      } else {
         for (int64_t c = 0; c < channels; ++c) {
-          const bool pass = idx[ii + c * is[1]] == q && !(y[yi + c * ys[1]] <= T(0));
-          o[c] = pass ? g[gi + c * gs[1]] : T(0);
+          const T* gp = g_row + c * gs[1];
+          const T* yp = y_row + c * ys[1];
+          const uint8_t* ip = i_row + c * is[1];
+          T* channel = rows + c;
+          for (int64_t pw = 0; pw < pooled_w; ++pw) {
+            const uint8_t q = ip[pw * is[3]];
+            if (q > 3) continue;
+            channel[(q / 2) * row_len + (2 * pw + q % 2) * channels] = yp[pw * ys[3]] <= T(0) ? T(0) : gp[pw * gs[3]];
+          }
         }
       }
     }

@@ -33,6 +33,10 @@ Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups);
 
+// The edge pixels of a grad_input (see EdgeGeometry in conv2d_kernel.h): the rows and
+// columns, counted from each side, that have a tap landing outside grad_output.
+EdgeGeometry edge_geometry(const Geometry& g);
+
 // torch's rule for a convolution's output layout: channels_last when the input or
 // the weight is.
 bool wants_channels_last(const at::Tensor& input, const at::Tensor& weight);

@@ -275,6 +275,13 @@ void place_image_typed(const PlaceArgs& args, int64_t row_begin, int64_t row_end
     const int64_t first_j = args.left >= 0 ? 0 : (-args.left + args.step_w - 1) / args.step_w;
     int64_t end_j = args.left >= args.cols ? 0 : (args.cols - 1 - args.left) / args.step_w + 1;
     end_j = std::min(end_j, args.width);
+    if (args.src_stride[1] == 1) {  // channels contiguous (channels_last): copy pixel by pixel
+      for (int64_t j = first_j; j < end_j; ++j) {
+        std::memcpy(out + (args.left + j * args.step_w) * args.dst_channels, in + j * args.src_stride[3],
+                    size_t(args.channels) * sizeof(T));
+      }
+      continue;
+    }
     for (int64_t c0 = 0; c0 < args.channels; c0 += kChannelChunk) {
       const int64_t c1 = std::min(args.channels, c0 + kChannelChunk);
       for (int64_t j = first_j; j < end_j; ++j) {

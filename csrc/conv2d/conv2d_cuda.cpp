@@ -154,6 +154,33 @@ at::Tensor conv2d_backward_input_cuda(const at::Tensor& grad_output, const at::T
   a.c_group_stride = g.in_per_group();
   a.columns = g.in_per_group();
   check_launch(launch_offset_gemm_cuda(a, at::cuda::getCurrentCUDAStream().stream()), op);
+  // The pass multiplies taps landing outside grad_output (padding, and with stride > 1
+  // the zeros between its pixels) by zeros: exact unless a weight is NaN or infinite.
+  // The edge pixels are then recomputed with those taps skipped, as torch does; with
+  // stride > 1 in a dimension every row (column) reads gaps, so all of them are edges.
+  // The flag stays on the device (no host synchronization).
+  EdgeGradInputCudaArgs edges;
+  edges.geometry = edge_geometry(g);
+  if (g.stride_h > 1) {
+    edges.geometry.top = g.height;
+    edges.geometry.bottom = 0;
+  }
+  if (g.stride_w > 1) {
+    edges.geometry.left = g.width;
+    edges.geometry.right = 0;
+  }
+  if (edges.geometry.pixels() > 0 && g.batch > 0) {
+    const at::Tensor weight_finite = at::isfinite(weight).all();
+    const at::Tensor w = weight.contiguous();
+    edges.batch = g.batch;
+    edges.grad_output = grad_output.const_data_ptr();
+    for (int d = 0; d < 4; ++d) edges.grad_output_strides[d] = grad_output.stride(d);
+    edges.weight = w.const_data_ptr();
+    edges.weight_finite = weight_finite.const_data_ptr<bool>();
+    edges.grad_input = out.mutable_data_ptr();
+    edges.dtype = a.dtype;
+    check_launch(launch_edge_grad_input_cuda(edges, at::cuda::getCurrentCUDAStream().stream()), op);
+  }
   return nhwc_to_output(out, grad_output.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
 }
 

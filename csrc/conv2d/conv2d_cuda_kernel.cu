@@ -203,6 +203,52 @@ int launch_typed(const CudaGemmArgs& a, cudaStream_t stream) {
   return int(cudaGetLastError());
 }
 
+// One thread per (n, edge pixel, ci): EdgeGeometry's exact sum, only when the weight
+// holds a NaN or an infinity (the flag, computed on the device, keeps the host from
+// synchronizing; with a finite weight every thread returns at once).
+template <class S>
+__global__ void edge_grad_input_kernel(EdgeGradInputCudaArgs a) {
+  if (*a.weight_finite) return;
+  const EdgeGeometry& e = a.geometry;
+  const int64_t total = a.batch * e.pixels() * e.in_channels;
+  const S* go = static_cast<const S*>(a.grad_output);
+  const S* w = static_cast<const S*>(a.weight);
+  S* out = static_cast<S*>(a.grad_input);
+  const int64_t* gs = a.grad_output_strides;
+  for (int64_t index = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; index < total;
+       index += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t ci = index % e.in_channels, rest = index / e.in_channels;
+    const int64_t n = rest / e.pixels();
+    int64_t ih = 0, iw = 0;
+    e.pixel(rest % e.pixels(), ih, iw);
+    const int64_t co_begin = ci / e.in_per_group * e.out_per_group, cl = ci % e.in_per_group;
+    typename Acc<S>::type sum = 0;
+    for (int64_t kh = 0; kh < e.kernel_h; ++kh) {
+      int64_t oh = 0;
+      if (!tap_source(ih, kh, e.stride_h, e.pad_h, e.dilation_h, e.out_h, oh)) continue;
+      for (int64_t kw = 0; kw < e.kernel_w; ++kw) {
+        int64_t ow = 0;
+        if (!tap_source(iw, kw, e.stride_w, e.pad_w, e.dilation_w, e.out_w, ow)) continue;
+        for (int64_t co = co_begin; co < co_begin + e.out_per_group; ++co) {
+          sum += to_compute(go[n * gs[0] + co * gs[1] + oh * gs[2] + ow * gs[3]]) *
+                 to_compute(w[((co * e.in_per_group + cl) * e.kernel_h + kh) * e.kernel_w + kw]);
+        }
+      }
+    }
+    out[((n * e.height + ih) * e.width + iw) * e.in_channels + ci] = from_compute<S>(sum);
+  }
+}
+
+template <class S>
+int launch_edge_typed(const EdgeGradInputCudaArgs& a, cudaStream_t stream) {
+  const int64_t total = a.batch * a.geometry.pixels() * a.geometry.in_channels;
+  if (total == 0) return cudaSuccess;
+  constexpr int kEdgeThreads = 256;
+  const int64_t blocks = std::min<int64_t>((total + kEdgeThreads - 1) / kEdgeThreads, 65535);
+  edge_grad_input_kernel<S><<<unsigned(blocks), kEdgeThreads, 0, stream>>>(a);
+  return int(cudaGetLastError());
+}
+
 }  // namespace
 
 int launch_offset_gemm_cuda(const CudaGemmArgs& args, void* stream_ptr) {
@@ -212,6 +258,17 @@ int launch_offset_gemm_cuda(const CudaGemmArgs& args, void* stream_ptr) {
     case DType::kFloat64: return launch_typed<double>(args, stream);
     case DType::kFloat16: return launch_typed<__half>(args, stream);
     case DType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
+  }
+  return int(cudaErrorInvalidValue);
+}
+
+int launch_edge_grad_input_cuda(const EdgeGradInputCudaArgs& args, void* stream_ptr) {
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  switch (args.dtype) {
+    case DType::kFloat32: return launch_edge_typed<float>(args, stream);
+    case DType::kFloat64: return launch_edge_typed<double>(args, stream);
+    case DType::kFloat16: return launch_edge_typed<__half>(args, stream);
+    case DType::kBFloat16: return launch_edge_typed<__nv_bfloat16>(args, stream);
   }
   return int(cudaErrorInvalidValue);
 }

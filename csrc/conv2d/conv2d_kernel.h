@@ -113,6 +113,53 @@ struct DepthwiseWeightGradArgs {
   DType dtype = DType::kFloat32;
 };
 
+// grad-input at the input's edges, exactly. The grad-input passes read grad_output
+// zero-padded (and, on CUDA, zero-dilated), so a tap that lands outside grad_output
+// multiplies a zero: harmless unless that weight tap is NaN or infinite (0 * inf =
+// NaN), where torch, which skips such taps, stays finite. With a non-finite weight
+// the ops recompute the pixels that have such a tap (the "edge" pixels) by summing
+// only the taps that land inside:
+//   grad_input[n, ci, ih, iw] = sum over co of ci's group and taps (kh, kw) with
+//   (ih + pad_h - kh * dilation_h) = oh * stride_h, 0 <= oh < out_h (and the same
+//   for w) of grad_output[n, co, oh, ow] * weight[co, ci % in_per_group, kh, kw].
+// Edge pixels: rows [0, top) and [height - bottom, height) over every column, and
+// columns [0, left) and [width - right, width) of the rows between; a superset of the
+// pixels with an outside tap (recomputing more is exact too).
+struct EdgeGeometry {
+  int64_t height = 0, width = 0, out_h = 0, out_w = 0;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
+  int64_t dilation_h = 1, dilation_w = 1;
+  int64_t in_channels = 0, in_per_group = 0, out_per_group = 0;
+  int64_t top = 0, bottom = 0, left = 0, right = 0;  // top + bottom <= height, left + right <= width
+
+  FL_HOST_DEVICE int64_t pixels() const {
+    return (top + bottom) * width + (height - top - bottom) * (left + right);
+  }
+  // Edge pixel `index` (0 <= index < pixels()) as (ih, iw).
+  FL_HOST_DEVICE void pixel(int64_t index, int64_t& ih, int64_t& iw) const {
+    if (index < (top + bottom) * width) {
+      const int64_t row = index / width;
+      ih = row < top ? row : height - bottom + (row - top);
+      iw = index % width;
+      return;
+    }
+    index -= (top + bottom) * width;
+    const int64_t side = left + right, col = index % side;
+    ih = top + index / side;
+    iw = col < left ? col : width - right + (col - left);
+  }
+};
+
+// The grad_output position tap k reaches input position i from, when it lands inside
+// (0 <= o < out); else false.
+FL_HOST_DEVICE inline bool tap_source(int64_t i, int64_t k, int64_t stride, int64_t pad, int64_t dilation,
+                                      int64_t out, int64_t& o) {
+  const int64_t reach = i + pad - k * dilation;
+  if (reach < 0 || reach % stride != 0) return false;
+  o = reach / stride;
+  return o < out;
+}
+
 struct CpuKernels {
   // Rows [row_begin, row_end) of C, every column; the caller parallelizes over rows.
   void (*offset_gemm)(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end);
@@ -160,6 +207,22 @@ struct CudaGemmArgs {
 
 // Returns a cudaError_t as int (0 = success); `stream` is a cudaStream_t.
 int launch_offset_gemm_cuda(const CudaGemmArgs& args, void* stream);
+
+// EdgeGeometry's exact edge pixels of grad_input, written over the GEMM pass's values
+// when *weight_finite is false (a device flag: no host synchronization); `grad_output`
+// [N, C_out, out_h, out_w] at `grad_output_strides` (elements), `weight` contiguous
+// [C_out, C_in / G, kh, kw], `grad_input` dense [N, H, W, C_in]. All of `dtype`.
+struct EdgeGradInputCudaArgs {
+  EdgeGeometry geometry;
+  int64_t batch = 0;
+  const void* grad_output = nullptr;
+  int64_t grad_output_strides[4] = {0, 0, 0, 0};
+  const void* weight = nullptr;
+  const bool* weight_finite = nullptr;
+  void* grad_input = nullptr;
+  DType dtype = DType::kFloat32;
+};
+int launch_edge_grad_input_cuda(const EdgeGradInputCudaArgs& args, void* stream);
 #endif
 
 }  // namespace fastlayers::conv2d
