@@ -128,8 +128,10 @@ def test_cell_ops_match_float64_oracle_and_are_no_worse_than_torch(cpu_isa, cell
 
 # (steps, batch, input_size, hidden): a thin input (the transposed GEMM orientation),
 # a wide one, steps * batch > 256 (the weight-gradient GEMMs split k into chunks),
-# batches that leave partial 6-row tiles and hidden sizes that leave partial panels.
-LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9)]
+# batches that leave partial 6-row tiles (7, 9 and 13 rows end in two balanced tiles),
+# hidden sizes that leave partial panels, and gate rows 1 KB apart or more (H = 70 in
+# float32, H >= 32 in float64), whose weight gradients take the transposed product.
+LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9), (6, 9, 5, 16), (4, 5, 6, 70)]
 
 
 @pytest.mark.parametrize("shape", LAYER_GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))

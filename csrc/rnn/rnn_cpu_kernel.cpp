@@ -237,19 +237,42 @@ void gemm_tile(const S* a, int64_t lda, const S* panel, int64_t k, S* c, int64_t
 }
 
 template <class S, int Vectors, bool ColumnMajorA>
+void gemm_tile_of(int64_t tile_rows, const S* a, int64_t lda, const S* panel, int64_t k, S* c, int64_t ldc, int cols,
+                  bool accumulate, const S* bias) {
+  switch (tile_rows) {
+    case 6: gemm_tile<S, 6, Vectors, ColumnMajorA>(a, lda, panel, k, c, ldc, cols, accumulate, bias); break;
+    case 5: gemm_tile<S, 5, Vectors, ColumnMajorA>(a, lda, panel, k, c, ldc, cols, accumulate, bias); break;
+    case 4: gemm_tile<S, 4, Vectors, ColumnMajorA>(a, lda, panel, k, c, ldc, cols, accumulate, bias); break;
+    case 3: gemm_tile<S, 3, Vectors, ColumnMajorA>(a, lda, panel, k, c, ldc, cols, accumulate, bias); break;
+    case 2: gemm_tile<S, 2, Vectors, ColumnMajorA>(a, lda, panel, k, c, ldc, cols, accumulate, bias); break;
+    default: gemm_tile<S, 1, Vectors, ColumnMajorA>(a, lda, panel, k, c, ldc, cols, accumulate, bias); break;
+  }
+}
+
+// Rows in tiles of kTileRows. A remainder of 1-3 rows would be a tile with too few
+// accumulators to cover the FMA latency (2 pipes x 4 cycles want 8 in flight), so it
+// and the last full tile become two near-equal tiles instead (6 + 2 rows -> 4 + 4).
+template <class S, int Vectors, bool ColumnMajorA>
 void gemm_rows(const S* a, int64_t lda, const S* panel, int64_t k, S* c, int64_t ldc, int cols, bool accumulate,
                const S* bias, int64_t rows) {
-  for (int64_t row = 0; row < rows; row += kTileRows) {
-    const S* a_tile = a + row * (ColumnMajorA ? 1 : lda);
-    S* c_tile = c + row * ldc;
-    switch (std::min<int64_t>(kTileRows, rows - row)) {
-      case 6: gemm_tile<S, 6, Vectors, ColumnMajorA>(a_tile, lda, panel, k, c_tile, ldc, cols, accumulate, bias); break;
-      case 5: gemm_tile<S, 5, Vectors, ColumnMajorA>(a_tile, lda, panel, k, c_tile, ldc, cols, accumulate, bias); break;
-      case 4: gemm_tile<S, 4, Vectors, ColumnMajorA>(a_tile, lda, panel, k, c_tile, ldc, cols, accumulate, bias); break;
-      case 3: gemm_tile<S, 3, Vectors, ColumnMajorA>(a_tile, lda, panel, k, c_tile, ldc, cols, accumulate, bias); break;
-      case 2: gemm_tile<S, 2, Vectors, ColumnMajorA>(a_tile, lda, panel, k, c_tile, ldc, cols, accumulate, bias); break;
-      default: gemm_tile<S, 1, Vectors, ColumnMajorA>(a_tile, lda, panel, k, c_tile, ldc, cols, accumulate, bias); break;
-    }
+  const int64_t row_step = ColumnMajorA ? 1 : lda;
+  const int64_t remainder = rows % kTileRows;
+  const bool balance = rows > kTileRows && remainder > 0 && remainder < 4;
+  const int64_t full_end = rows - remainder - (balance ? kTileRows : 0);
+  for (int64_t row = 0; row < full_end; row += kTileRows) {
+    gemm_tile_of<S, Vectors, ColumnMajorA>(kTileRows, a + row * row_step, lda, panel, k, c + row * ldc, ldc, cols,
+                                           accumulate, bias);
+  }
+  const int64_t left = rows - full_end;
+  const int64_t first = balance ? (left + 1) / 2 : left;
+  if (first > 0) {
+    gemm_tile_of<S, Vectors, ColumnMajorA>(first, a + full_end * row_step, lda, panel, k, c + full_end * ldc, ldc,
+                                           cols, accumulate, bias);
+  }
+  if (left > first) {
+    const int64_t row = full_end + first;
+    gemm_tile_of<S, Vectors, ColumnMajorA>(left - first, a + row * row_step, lda, panel, k, c + row * ldc, ldc, cols,
+                                           accumulate, bias);
   }
 }
 
