@@ -128,8 +128,10 @@ def test_cell_ops_match_float64_oracle_and_are_no_worse_than_torch(cpu_isa, cell
 
 # (steps, batch, input_size, hidden): a thin input (the transposed GEMM orientation),
 # a wide one, steps * batch > 256 (the weight-gradient GEMMs split k into chunks),
-# batches that leave partial 6-row tiles and hidden sizes that leave partial panels.
-LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9)]
+# batches that leave partial 6-row tiles (7, 9 and 13 rows end in two balanced tiles),
+# hidden sizes that leave partial panels, and gate rows 1 KB apart or more (H = 70 in
+# float32, H >= 32 in float64), whose weight gradients take the transposed product.
+LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9), (6, 9, 5, 16), (4, 5, 6, 70)]
 
 
 @pytest.mark.parametrize("shape", LAYER_GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -156,6 +158,35 @@ def test_float32_layer_ops_match_float64_oracle_on_every_cpu_isa(cpu_isa, kind, 
         # float32 sums over up to steps * batch = 280 products: a few ulp of the magnitudes.
         scale = oracle.abs().max().item()
         torch.testing.assert_close(ours.double(), oracle, rtol=1e-5, atol=2e-6 * max(1.0, scale))
+
+
+@pytest.mark.parametrize("shape", LAYER_GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "rnn_tanh"])
+def test_float64_layer_ops_match_the_reference_on_every_cpu_isa(cpu_isa, kind, shape):
+    # The float64 GEMM micro-kernel and float64 exp/tanh against the pure-PyTorch
+    # reference (ATen's float64 GEMMs, torch's tanh/sigmoid), forward and every gradient.
+    steps, batch, input_size, hidden = shape
+    if kind == "lstm_proj":
+        args = _projected_lstm_args(steps=steps, batch=batch, input_size=input_size, hidden=hidden, proj=hidden // 2)
+    else:
+        args = _op_args(kind, True, requires_grad=True, steps=steps, batch=batch, input_size=input_size, hidden=hidden)
+    with torch.no_grad():  # contractive, as above
+        args[3 if kind == "rnn_tanh" else 4].mul_(2 / hidden**0.5)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if kind == "rnn_tanh":
+        ours, reference = _op(kind, True), rnn_layer_reference
+    else:
+        ours, reference = _differentiable_outputs("lstm", _op("lstm", True)), lstm_layer_reference
+    results = []
+    for fn in (ours, reference):
+        out = fn(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        torch.manual_seed(5)
+        grads_out = [torch.randn_like(o) for o in out]
+        results.append((out, torch.autograd.grad(out, tensors, grads_out)))
+    for got, want in zip(_flatten(results[0]), _flatten(results[1]), strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13 * max(1.0, scale))
 
 
 def test_cell_modules_take_torch_parameters_and_initialisation():

@@ -5,8 +5,11 @@
 // branch-free implementations below: glibc's expf/tanhf/erfcf are scalar calls that
 // block vectorization of the loops that use them. Measured against float64 over the
 // whole float range (tests/test_bias_act.py checks it through the activations): exp <= 1.4 ulp,
-// tanh <= 1.4e-7 relative, erfc <= 5e-7 relative for |x| < 2, <= 2e-6 up to x = 6 and
-// <= 2e-5 in the far tail (the rounding of x^2 in e^{-x^2}). double uses the C library.
+// tanh <= 1.5e-7 relative, erfc <= 5e-7 relative for |x| < 2, <= 2e-6 up to x = 6 and
+// <= 2e-5 in the far tail (the rounding of x^2 in e^{-x^2}). double exp and tanh are
+// branch-free too (<= 2 ulp against torch's float64, tests/test_bias_act.py; the C
+// library's calls made the float64 LSTM spend a third of its time in libm); double
+// erfc uses the C library.
 #pragma once
 
 #include <cmath>
@@ -66,6 +69,55 @@ FL_INLINE float exp_finite(float x) {
   return e.p * pow2i(n1) * pow2i(ni - n1);
 }
 
+FL_INLINE double bits_to_double(uint64_t bits) {
+  double value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+FL_INLINE uint64_t double_to_bits(double value) {
+  uint64_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// 2^n for integer n in [-1022, 1023] built from the exponent bits.
+FL_INLINE double pow2i(int64_t n) { return bits_to_double(static_cast<uint64_t>(n + 1023) << 52); }
+
+// As the float version: x = n ln2 + r, |r| <= ln2/2 (fdlibm's ln2 split, whose high
+// part has 32 trailing zero bits, so n * kLn2Hi is exact), then e^r by its Taylor
+// polynomial to degree 13 (truncation < 0.03 ulp), 1 added last; 2^n in two halves.
+// n is read from the bits of the rounding sum rather than converted, which AVX2 and
+// SSE2 cannot do for doubles in a vector.
+FL_INLINE double exp_finite(double x) {
+  constexpr double kLog2e = 1.4426950408889634074;
+  constexpr double kLn2Hi = 6.93147180369123816490e-01;
+  constexpr double kLn2Lo = 1.90821492927058770002e-10;
+  constexpr double kRoundMagic = 6755399441055744.0;  // 1.5 * 2^52
+  x = x > 710.0 ? 710.0 : x;
+  x = x < -746.0 ? -746.0 : x;
+  const double shifted = x * kLog2e + kRoundMagic;
+  const double n = shifted - kRoundMagic;
+  double r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  double p = 1.0 / 6227020800.0;  // 1/13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  const double e_r = 1.0 + (r + (r * r) * p);
+  const int64_t ni = static_cast<int64_t>(double_to_bits(shifted) - double_to_bits(kRoundMagic));
+  const int64_t n1 = ni >> 1;
+  return e_r * pow2i(n1) * pow2i(ni - n1);
+}
+
 }  // namespace detail
 #endif
 
@@ -80,7 +132,15 @@ FL_HOST_DEVICE FL_INLINE float exp(float x) {
 #endif
 }
 
-FL_HOST_DEVICE FL_INLINE double exp(double x) { return ::exp(x); }
+FL_HOST_DEVICE FL_INLINE double exp(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  bool is_nan = x != x;
+  double e = detail::exp_finite(is_nan ? 0.0 : x);
+  return is_nan ? x : e;
+#endif
+}
 
 // e^x for the shifted logits of a softmax, x <= 0 (x - max, x - logsumexp): exp's
 // reduction and polynomial (same accuracy) with one scaling instead of two and no
@@ -110,8 +170,9 @@ FL_HOST_DEVICE FL_INLINE float tanh(float x) {
 #if defined(__CUDA_ARCH__)
   return ::tanhf(x);
 #else
-  // |x| < 0.625: odd polynomial (Cephes tanhf); beyond, 1 - 2/(e^{2|x|} + 1), which
-  // saturates to 1 as e^{2|x|} overflows to inf.
+  // |x| < 0.625: odd polynomial (Cephes tanhf); beyond, (1 - u) / (1 + u) with
+  // u = e^{-2|x|} in (0, 0.29], which goes to 1 as u underflows to 0. Both branches
+  // share one division (the LSTM's pointwise pass is bound by its divisions).
   float ax = std::fabs(x);
   float z = x * x;
   float p = -5.70498872745e-3f;
@@ -119,14 +180,32 @@ FL_HOST_DEVICE FL_INLINE float tanh(float x) {
   p = p * z - 5.37397155531e-2f;
   p = p * z + 1.33314422036e-1f;
   p = p * z - 3.33332819422e-1f;
-  float small = p * z * ax + ax;
-  float large = 1.0f - 2.0f / (exp(2.0f * ax) + 1.0f);
+  float u = exp(-2.0f * ax);
+  bool small = ax < 0.625f;
+  float num = small ? p * z * ax + ax : 1.0f - u;
+  float den = small ? 1.0f : 1.0f + u;
   // tanh is odd: the sign of x (also of -0.0) goes on at the end.
-  return std::copysign(ax < 0.625f ? small : large, x);
+  return std::copysign(num / den, x);
 #endif
 }
 
-FL_HOST_DEVICE FL_INLINE double tanh(double x) { return ::tanh(x); }
+FL_HOST_DEVICE FL_INLINE double tanh(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::tanh(x);
+#else
+  // |x| < 0.625: x + x^3 P(x^2) / Q(x^2) (Cephes tanh); beyond, (1 - u) / (1 + u),
+  // u = e^{-2|x|}; one division for both, as the float version.
+  double ax = std::fabs(x);
+  double z = x * x;
+  double p = (-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z - 1.61468768441708447952e3;
+  double q = ((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z + 4.84406305325125486048e3;
+  double u = exp(-2.0 * ax);
+  bool small = ax < 0.625;
+  double num = small ? ax * q + ax * z * p : 1.0 - u;
+  double den = small ? q : 1.0 + u;
+  return std::copysign(num / den, x);
+#endif
+}
 
 FL_HOST_DEVICE FL_INLINE float erfc(float x) {
 #if defined(__CUDA_ARCH__)

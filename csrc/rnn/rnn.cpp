@@ -4,9 +4,11 @@
 // GEMMs: per layer one input projection of all timesteps (biases included), per step
 // one recurrent GEMM (and the projection's), after the backward loop the input and
 // weight gradients over all timesteps; everything between two GEMMs is one fused
-// pointwise pass. On the CPU, float32 GEMMs run the packed micro-kernel of
+// pointwise pass. On the CPU, float32 and float64 GEMMs run the packed micro-kernel of
 // rnn_cpu_kernel.cpp (why: see there), other dtypes ATen's; CUDA uses cuBLAS via ATen.
 #include "rnn/rnn.h"
+
+#include <cstring>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,8 +31,10 @@ namespace {
 class AtenStepMatmul final : public StepMatmul {
  public:
   explicit AtenStepMatmul(at::Tensor b) : b_(std::move(b)) {}
-  void run(const at::Tensor& a, at::Tensor c, bool accumulate) override {
-    aten_matmul_out(c, a, b_, accumulate);
+  void run(const void* a, int64_t lda, int64_t m, void* c, int64_t ldc, bool accumulate) override {
+    const int64_t k = b_.size(0), n = b_.size(1);
+    const at::Tensor a_view = at::from_blob(const_cast<void*>(a), {m, k}, {lda, 1}, b_.options());
+    aten_matmul_out(at::from_blob(c, {m, n}, {ldc, 1}, b_.options()), a_view, b_, accumulate);
   }
 
  private:
@@ -47,6 +51,10 @@ void aten_matmul_out(at::Tensor c, const at::Tensor& a, const at::Tensor& b, boo
   } else {
     at::mm_out(c, a, b);
   }
+}
+
+void aten_matmul_bias_out(at::Tensor c, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  at::addmm_out(c, bias, a, b);
 }
 
 namespace {
@@ -180,9 +188,12 @@ LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor&
   const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh.t());
   const at::Tensor x2d = x.view({steps * batch, input_size});
   const at::Tensor bias = combined_bias(b_ih, b_hh);
-  at::Tensor gates = bias.defined() ? bias.expand({steps * batch, gate_width}).contiguous()
-                                    : at::empty({steps * batch, gate_width}, x.options());
-  launch.matmul_out(gates, x2d, w_ih.t(), /*accumulate=*/bias.defined());
+  at::Tensor gates = at::empty({steps * batch, gate_width}, x.options());
+  if (bias.defined()) {
+    launch.matmul_bias_out(gates, x2d, w_ih.t(), bias);
+  } else {
+    launch.matmul_out(gates, x2d, w_ih.t(), /*accumulate=*/false);
+  }
   gates = gates.view({steps, batch, gate_width});
   at::Tensor output = at::empty({steps, batch, output_size}, x.options());
   at::Tensor cells = is_lstm(cell) ? at::empty({steps, batch, hidden}, x.options()) : at::Tensor();
@@ -192,6 +203,12 @@ LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor&
   const DType dtype = kernel_dtype(x, "rnn", "input");
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor c0 = is_lstm(cell) ? cx.contiguous() : at::Tensor();
+  // Row `row` of step t of a dense [T, B, width] buffer, or of a [B, width] state with
+  // t = 0 (inputs are only read through it).
+  const int64_t element = x.element_size();
+  auto row_of = [&](const at::Tensor& buffer, int64_t width, int64_t t, int64_t row) {
+    return static_cast<char*>(const_cast<void*>(buffer.const_data_ptr())) + ((t * batch + row) * width) * element;
+  };
   // The whole time loop for batch rows [row_begin, row_end): every step of a row only
   // reads that row's state, so the rows can run the sequence independently.
   auto run_rows = [&](int64_t row_begin, int64_t row_end) {
@@ -201,24 +218,22 @@ LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor&
     args.dtype = dtype;
     args.batch = rows;
     args.hidden = hidden;
-    at::Tensor h_prev = h0.narrow(0, row_begin, rows);
-    at::Tensor c_prev = is_lstm(cell) ? c0.narrow(0, row_begin, rows) : at::Tensor();
-    at::Tensor h_rows = projection ? h_full.narrow(0, row_begin, rows) : at::Tensor();
+    const void* h_prev = row_of(h0, output_size, 0, row_begin);
+    const void* c_prev = is_lstm(cell) ? row_of(c0, hidden, 0, row_begin) : nullptr;
+    void* h_rows = projection ? row_of(h_full, hidden, 0, row_begin) : nullptr;
     for (int64_t t = 0; t < steps; ++t) {
-      at::Tensor z = gates.select(0, t).narrow(0, row_begin, rows);
-      at::Tensor out_t = output.select(0, t).narrow(0, row_begin, rows);
-      recurrent->run(h_prev, z, /*accumulate=*/true);
-      args.gates = z.mutable_data_ptr();
-      args.hy = projection ? h_rows.mutable_data_ptr() : out_t.mutable_data_ptr();
-      at::Tensor c_t = is_lstm(cell) ? cells.select(0, t).narrow(0, row_begin, rows) : at::Tensor();
-      if (is_lstm(cell)) {
-        args.cx = c_prev.const_data_ptr();
-        args.cy = c_t.mutable_data_ptr();
-      }
+      void* z = row_of(gates, gate_width, t, row_begin);
+      void* out_t = row_of(output, output_size, t, row_begin);
+      recurrent->run(h_prev, output_size, rows, z, gate_width, /*accumulate=*/true);
+      args.gates = z;
+      args.hy = projection ? h_rows : out_t;
+      void* c_t = is_lstm(cell) ? row_of(cells, hidden, t, row_begin) : nullptr;
+      args.cx = c_prev;
+      args.cy = c_t;
       launch.forward(args);
-      if (projection) projection->run(h_rows, out_t, /*accumulate=*/false);
+      if (projection) projection->run(h_rows, hidden, rows, out_t, output_size, /*accumulate=*/false);
       h_prev = out_t;
-      if (is_lstm(cell)) c_prev = c_t;
+      c_prev = c_t;
     }
   };
   run_rows_split(x, batch, gate_width * output_size, run_rows);
@@ -265,43 +280,51 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
 
   const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh);
   const DType dtype = kernel_dtype(x, "rnn_backward", "input");
+  // Row `row` of step t of a dense [T, B, width] buffer, as in the forward.
+  const int64_t element = x.element_size();
+  auto row_of = [&](const at::Tensor& buffer, int64_t width, int64_t t, int64_t row) {
+    return static_cast<char*>(const_cast<void*>(buffer.const_data_ptr())) + ((t * batch + row) * width) * element;
+  };
   // As in the forward: each batch row's reverse loop only touches that row.
   auto run_rows = [&](int64_t row_begin, int64_t row_end) {
     const int64_t rows = row_end - row_begin;
-    auto r = [&](const at::Tensor& tensor) { return tensor.narrow(0, row_begin, rows); };
     BackwardArgs args;
     args.cell = cell;
     args.dtype = dtype;
     args.batch = rows;
     args.hidden = hidden;
-    const at::Tensor grad_h_rows = r(grad_h);
-    const at::Tensor grad_c_rows = is_lstm(cell) ? r(grad_c) : at::Tensor();
-    const at::Tensor grad_h_full_rows = w_hr.defined() ? r(grad_h_full) : at::Tensor();
+    void* grad_h_rows = row_of(grad_h, output_size, 0, row_begin);
+    void* grad_c_rows = is_lstm(cell) ? row_of(grad_c, hidden, 0, row_begin) : nullptr;
     for (int64_t t = steps - 1; t >= 0; --t) {
       if (projection) {
+        // The gradient at the step's projected output, kept for grad_w_hr, carried
+        // through W_hr to the kernel's h (a tensor op: this path is for any device).
+        auto r = [&](const at::Tensor& tensor) { return tensor.narrow(0, row_begin, rows); };
         at::Tensor grad_step = r(grad_projected.select(0, t));
-        at::add_out(grad_step, r(dy.select(0, t)), grad_h_rows);
-        projection->run(grad_step, grad_h_full_rows, /*accumulate=*/false);
-        args.grad_hy = grad_h_full_rows.const_data_ptr();
-        args.grad_hy_recurrent = r(no_grad_h).const_data_ptr();
+        at::add_out(grad_step, r(dy.select(0, t)), r(grad_h));
+        void* grad_h_full_rows = row_of(grad_h_full, hidden, 0, row_begin);
+        projection->run(grad_step.const_data_ptr(), output_size, rows, grad_h_full_rows, hidden,
+                        /*accumulate=*/false);
+        args.grad_hy = grad_h_full_rows;
+        args.grad_hy_recurrent = row_of(no_grad_h, hidden, 0, row_begin);
       } else {
-        args.grad_hy = r(dy.select(0, t)).const_data_ptr();
-        args.grad_hy_recurrent = grad_h_rows.const_data_ptr();
+        args.grad_hy = row_of(dy, output_size, t, row_begin);
+        args.grad_hy_recurrent = grad_h_rows;
       }
       if (is_lstm(cell)) {
-        args.grad_cy = r(dc_out.select(0, t)).const_data_ptr();
-        args.grad_cy_recurrent = grad_c_rows.const_data_ptr();
-        args.grad_cx = grad_c_rows.mutable_data_ptr();
-        args.gates = r(gate_values.select(0, t)).const_data_ptr();
-        args.cx = r(t > 0 ? cell_states.select(0, t - 1) : c0).const_data_ptr();
-        args.cy = r(cell_states.select(0, t)).const_data_ptr();
+        args.grad_cy = row_of(dc_out, hidden, t, row_begin);
+        args.grad_cy_recurrent = grad_c_rows;
+        args.grad_cx = grad_c_rows;
+        args.gates = row_of(gate_values, gate_width, t, row_begin);
+        args.cx = t > 0 ? row_of(cell_states, hidden, t - 1, row_begin) : row_of(c0, hidden, 0, row_begin);
+        args.cy = row_of(cell_states, hidden, t, row_begin);
       } else {
-        args.hy = r(out.select(0, t)).const_data_ptr();
+        args.hy = row_of(out, output_size, t, row_begin);
       }
-      const at::Tensor grad_gates_t = r(grad_gates.select(0, t));
-      args.grad_gates = grad_gates_t.mutable_data_ptr();
+      void* grad_gates_t = row_of(grad_gates, gate_width, t, row_begin);
+      args.grad_gates = grad_gates_t;
       launch.backward(args);
-      recurrent->run(grad_gates_t, grad_h_rows, /*accumulate=*/false);
+      recurrent->run(grad_gates_t, gate_width, rows, grad_h_rows, output_size, /*accumulate=*/false);
     }
   };
   run_rows_split(x, batch, gate_width * output_size, run_rows);
@@ -314,24 +337,24 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
   result.grad_hx = grad_h;
   result.grad_cx = grad_c;
   // The weight and bias gradients in one GEMM that reads dz once:
-  // [grad_w_ih | grad_w_hh | grad_bias]^T = [x_t | h_{t-1} | 1]^T dz,
-  // [I + P (+ 1), T*B] x [T*B, G*H], the small left factor transposed into place (x
-  // and the states shifted by one step; a row of ones sums dz over time and batch).
-  const int64_t bias_row = input_size + output_size;
-  at::Tensor inputs_t = at::empty({bias_row + (has_bias ? 1 : 0), steps * batch}, x.options());
-  inputs_t.narrow(0, 0, input_size).copy_(x.view({steps * batch, input_size}).t());
-  at::Tensor h_prev_t = inputs_t.narrow(0, input_size, output_size);
-  h_prev_t.narrow(1, 0, batch).copy_(h0.t());
+  // [grad_w_ih | grad_w_hh | grad_bias] = dz^T [x_t | h_{t-1} | 1],
+  // [G*H, T*B] x [T*B, I + P (+ 1)]: dz^T is read in place (column-major), the right
+  // factor gathers the inputs and the states shifted by one step, row by row (a column
+  // of ones sums dz over time and batch).
+  const int64_t bias_column = input_size + output_size;
+  at::Tensor layer_inputs = at::empty({steps * batch, bias_column + (has_bias ? 1 : 0)}, x.options());
+  layer_inputs.narrow(1, 0, input_size).copy_(x.view({steps * batch, input_size}));
+  at::Tensor h_prev = layer_inputs.narrow(1, input_size, output_size);
+  h_prev.narrow(0, 0, batch).copy_(h0);
   if (steps > 1) {
-    h_prev_t.narrow(1, batch, (steps - 1) * batch)
-        .copy_(out.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, output_size}).t());
+    h_prev.narrow(0, batch, (steps - 1) * batch).copy_(out.slice(0, 0, steps - 1).view({(steps - 1) * batch, output_size}));
   }
-  if (has_bias) inputs_t.select(0, bias_row).fill_(1);
-  at::Tensor weight_grads_t = at::empty({inputs_t.size(0), gate_width}, x.options());
-  launch.matmul_out(weight_grads_t, inputs_t, dz, false);
-  result.grad_w_ih = weight_grads_t.narrow(0, 0, input_size).t().contiguous();
-  result.grad_w_hh = weight_grads_t.narrow(0, input_size, output_size).t().contiguous();
-  result.grad_bias = has_bias ? weight_grads_t.select(0, bias_row).clone() : at::empty({0}, x.options());
+  if (has_bias) layer_inputs.select(1, bias_column).fill_(1);
+  at::Tensor weight_grads = at::empty({gate_width, layer_inputs.size(1)}, x.options());
+  launch.matmul_out(weight_grads, dz.t(), layer_inputs, false);
+  result.grad_w_ih = weight_grads.narrow(1, 0, input_size).contiguous();
+  result.grad_w_hh = weight_grads.narrow(1, input_size, output_size).contiguous();
+  result.grad_bias = has_bias ? weight_grads.select(1, bias_column).contiguous() : at::empty({0}, x.options());
   if (w_hr.defined()) {
     const at::Tensor h_full = gate_values.narrow(2, 3 * hidden, hidden) * at::tanh(cell_states);
     result.grad_w_hr = at::empty({output_size, hidden}, x.options());
@@ -488,8 +511,8 @@ void backward_cpu(const BackwardArgs& args) {
                    [&](int64_t begin, int64_t end) { kernels.backward(args, begin, end); });
 }
 
-// float32 GEMMs on the packed micro-kernel of rnn_cpu_kernel.cpp (see there for why);
-// other dtypes through ATen.
+// float32 and float64 GEMMs on the packed micro-kernel of rnn_cpu_kernel.cpp (see there
+// for why); other dtypes through ATen.
 
 // Rows per task of the large GEMMs: a row block of A (96 x 256 floats) stays in L2 while
 // the task sweeps its panel (the kernel walks k in L1-sized chunks).
@@ -511,7 +534,7 @@ int64_t gemm_row_block(int64_t m, int64_t panels) {
 }
 
 void run_gemm_tasks(const CpuKernels& kernels, const GemmArgs& args) {
-  const int64_t width = kernels.gemm_panel_width();
+  const int64_t width = kernels.gemm_panel_width(args.dtype);
   const int64_t panels = (args.n + width - 1) / width;
   const int64_t tasks = panels * ((args.m + args.row_block - 1) / args.row_block);
   at::parallel_for(0, tasks, gemm_grain(std::min(args.m, args.row_block), args.k, width),
@@ -520,38 +543,42 @@ void run_gemm_tasks(const CpuKernels& kernels, const GemmArgs& args) {
 
 // B[k, n] packed into column panels (see GemmArgs), the panels shared between the threads.
 at::Tensor pack_b_parallel(const CpuKernels& kernels, const at::Tensor& b) {
-  const int64_t k = b.size(0), n = b.size(1), width = kernels.gemm_panel_width();
+  const DType dtype = kernel_dtype(b, "rnn", "b");
+  const int64_t k = b.size(0), n = b.size(1), width = kernels.gemm_panel_width(dtype);
   const int64_t panels = (n + width - 1) / width;
   at::Tensor packed = at::empty({panels * k * width}, b.options());
-  const float* src = b.const_data_ptr<float>();
-  float* dst = packed.mutable_data_ptr<float>();
+  const auto* src = static_cast<const char*>(b.const_data_ptr());
+  auto* dst = static_cast<char*>(packed.mutable_data_ptr());
+  const int64_t element = b.element_size();
   const int64_t stride_k = b.stride(0), stride_n = b.stride(1);
-  // At least ~16K floats per parallel chunk.
+  // At least ~16K elements per parallel chunk.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, k * width));
   at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     const int64_t col = begin * width;
-    kernels.pack_b(src + col * stride_n, k, std::min(n, end * width) - col, stride_k, stride_n,
-                   dst + begin * k * width);
+    kernels.pack_b(dtype, src + col * stride_n * element, k, std::min(n, end * width) - col, stride_k, stride_n,
+                   dst + begin * k * width * element);
   });
   return packed;
 }
 
 class PackedStepMatmul final : public StepMatmul {
  public:
-  explicit PackedStepMatmul(const at::Tensor& b) : kernels_(rnn_cpu_kernels_select()), k_(b.size(0)), n_(b.size(1)) {
-    const int64_t width = kernels_.gemm_panel_width();
+  explicit PackedStepMatmul(const at::Tensor& b)
+      : kernels_(rnn_cpu_kernels_select()), dtype_(kernel_dtype(b, "rnn", "b")), k_(b.size(0)), n_(b.size(1)) {
+    const int64_t width = kernels_.gemm_panel_width(dtype_);
     packed_ = at::empty({(n_ + width - 1) / width * k_ * width}, b.options());
-    kernels_.pack_b(b.const_data_ptr<float>(), k_, n_, b.stride(0), b.stride(1), packed_.mutable_data_ptr<float>());
+    kernels_.pack_b(dtype_, b.const_data_ptr(), k_, n_, b.stride(0), b.stride(1), packed_.mutable_data_ptr());
   }
 
-  void run(const at::Tensor& a, at::Tensor c, bool accumulate) override {
+  void run(const void* a, int64_t lda, int64_t m, void* c, int64_t ldc, bool accumulate) override {
     GemmArgs args;
-    args.a = a.const_data_ptr<float>();
-    args.lda = a.stride(0);
-    args.packed_b = packed_.const_data_ptr<float>();
-    args.c = c.mutable_data_ptr<float>();
-    args.ldc = c.stride(0);
-    args.m = a.size(0);
+    args.dtype = dtype_;
+    args.a = a;
+    args.lda = lda;
+    args.packed_b = packed_.const_data_ptr();
+    args.c = c;
+    args.ldc = ldc;
+    args.m = m;
     args.n = n_;
     args.k = k_;
     // Split the rows between the threads too: a thin n (the backward's dz W_hh has
@@ -561,7 +588,10 @@ class PackedStepMatmul final : public StepMatmul {
     args.accumulate = accumulate;
     if (args.m == 0 || args.n == 0) return;
     if (args.k == 0) {
-      if (!accumulate) c.zero_();
+      const int64_t element = packed_.element_size();
+      for (int64_t row = 0; row < m && !accumulate; ++row) {
+        std::memset(static_cast<char*>(c) + row * ldc * element, 0, n_ * element);
+      }
       return;
     }
     run_gemm_tasks(kernels_, args);
@@ -569,49 +599,70 @@ class PackedStepMatmul final : public StepMatmul {
 
  private:
   const CpuKernels& kernels_;
+  DType dtype_;
   int64_t k_, n_;
   at::Tensor packed_;
 };
 
+bool has_packed_gemm(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
 std::unique_ptr<StepMatmul> make_step_matmul_cpu(const at::Tensor& b) {
-  if (b.scalar_type() == at::kFloat) return std::make_unique<PackedStepMatmul>(b);
+  if (has_packed_gemm(b)) return std::make_unique<PackedStepMatmul>(b);
   return make_aten_step_matmul(b);
 }
 
-// c (+)= a b, float32, c dense row-major: A made row-major (a copy when it is a
-// transposed view), B packed whole (in parallel), then one parallel pass of tiles.
-void packed_matmul_out(at::Tensor c, const at::Tensor& a_in, const at::Tensor& b, bool accumulate) {
+// c (+)= a b (+ bias), float32 or float64, c dense row-major: A read in place when it
+// is row-major, or column-major with columns under 1 KB apart (a transposed view, e.g.
+// dz^T of the weight gradients at small H), else copied; B packed whole (in parallel), then one parallel pass of tiles. A defined bias
+// [n] starts every row's sums (accumulate must be false).
+void packed_matmul_out(at::Tensor c, const at::Tensor& a_in, const at::Tensor& b, bool accumulate,
+                       const at::Tensor& bias = at::Tensor()) {
   const CpuKernels& kernels = rnn_cpu_kernels_select();
-  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(1), width = kernels.gemm_panel_width();
+  const bool column_major = a_in.stride(0) == 1 && a_in.stride(1) != 1 && a_in.size(1) > 1 &&
+                            a_in.stride(1) * a_in.element_size() < 1024;  // see matmul_out_cpu
+  const at::Tensor a = a_in.stride(1) == 1 || column_major ? a_in : a_in.contiguous();
+  const DType dtype = kernel_dtype(c, "rnn", "c");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1), width = kernels.gemm_panel_width(dtype);
   if (m == 0 || n == 0) return;
   if (k == 0) {
-    if (!accumulate) c.zero_();
+    if (bias.defined()) {
+      c.copy_(bias.expand({m, n}));
+    } else if (!accumulate) {
+      c.zero_();
+    }
     return;
   }
+  const at::Tensor row_bias = bias.defined() ? bias.contiguous() : at::Tensor();
   const at::Tensor packed = pack_b_parallel(kernels, b);
   GemmArgs args;
-  args.a = a.const_data_ptr<float>();
-  args.lda = a.stride(0);
-  args.packed_b = packed.const_data_ptr<float>();
-  args.c = c.mutable_data_ptr<float>();
+  args.dtype = dtype;
+  args.a = a.const_data_ptr();
+  args.a_column_major = column_major;
+  args.lda = column_major ? a.stride(1) : a.stride(0);
+  args.packed_b = packed.const_data_ptr();
+  args.c = c.mutable_data_ptr();
   args.ldc = c.stride(0);
   args.m = m;
   args.n = n;
   args.k = k;
   args.row_block = gemm_row_block(m, (n + width - 1) / width);
   args.accumulate = accumulate;
+  args.bias = row_bias.defined() ? row_bias.const_data_ptr() : nullptr;
   run_gemm_tasks(kernels, args);
 }
 
 void matmul_out_cpu(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (c.scalar_type() != at::kFloat) return aten_matmul_out(c, a, b, accumulate);
+  if (!has_packed_gemm(c)) return aten_matmul_out(c, a, b, accumulate);
   const int64_t m = a.size(0), n = b.size(1);
-  // Compute c^T = b^T a^T instead when a is a transposed view (the projection's weight
-  // gradient, dP^T h) that would have to be copied whole while b^T is the smaller copy.
-  // A thin n (e.g. the input gradient at input_size 10) stays direct: the part-filled
-  // panel costs less than packing the large a^T would.
-  if (a.stride(1) != 1 && n < m) {
+  // A transposed view (column-major A) is read in place while its columns lie close
+  // together (the weight gradients' dz^T at H = 50: 800 bytes apart). From 1 KB apart
+  // every step of the k-loop touches another page and, at 4 KB, the same L1 set: the
+  // weight gradients at H = 256 ran at 54% of the FMA peak that way. Then c^T = b^T a^T
+  // is computed instead when b^T is the smaller copy, a^T (row-major) packed as B.
+  const bool far_columns = a.stride(1) != 1 && a.stride(1) * a.element_size() >= 1024;
+  if ((a.stride(0) != 1 || far_columns) && a.stride(1) != 1 && n < m) {
     at::Tensor c_t = at::empty({n, m}, c.options());
     packed_matmul_out(c_t, b.t(), a.t(), false);
     if (accumulate) {
@@ -624,7 +675,13 @@ void matmul_out_cpu(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool
   packed_matmul_out(c, a, b, accumulate);
 }
 
-constexpr Launchers kCpuLaunchers{&forward_cpu, &backward_cpu, &make_step_matmul_cpu, &matmul_out_cpu};
+void matmul_bias_out_cpu(at::Tensor c, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias) {
+  if (!has_packed_gemm(c)) return aten_matmul_bias_out(c, a, b, bias);
+  packed_matmul_out(c, a, b, /*accumulate=*/false, bias);
+}
+
+constexpr Launchers kCpuLaunchers{&forward_cpu, &backward_cpu, &make_step_matmul_cpu, &matmul_out_cpu,
+                                  &matmul_bias_out_cpu};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cpu(const at::Tensor& input, const at::Tensor& hx,
                                                              const at::Tensor& cx, const at::Tensor& w_ih,

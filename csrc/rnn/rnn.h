@@ -1,7 +1,7 @@
 // The recurrent ops (LSTM and Elman RNN; single cells and whole layers) written once
 // for every device: argument checks and the step loops; the GEMMs and the fused
 // pointwise kernels come from each device's launchers (rnn.cpp for the CPU: an own
-// float32 micro-kernel, else ATen; rnn_cuda.cpp for CUDA: cuBLAS through ATen).
+// float32 / float64 micro-kernel, else ATen; rnn_cuda.cpp for CUDA: cuBLAS through ATen).
 #pragma once
 
 #include <memory>
@@ -16,11 +16,15 @@
 namespace fastlayers::rnn {
 
 // The recurrent GEMM of every step, c (+)= a b, for one b ([k, n], a weight or its
-// transpose) over all the steps of one op call; a and c are dense row-major.
+// transpose) over all the steps of one op call. a [m, k] and c [m, n] are row-major
+// blocks of the op's buffers (row strides lda, ldc elements, b's dtype and device),
+// given as pointers: the step loops address them directly, since a tensor view per
+// step and operand (select + narrow, ~0.3 us of dispatch each) cost as much as a
+// whole step's pointwise pass at the seed size.
 class StepMatmul {
  public:
   virtual ~StepMatmul() = default;
-  virtual void run(const at::Tensor& a, at::Tensor c, bool accumulate) = 0;
+  virtual void run(const void* a, int64_t lda, int64_t m, void* c, int64_t ldc, bool accumulate) = 0;
 };
 
 // at::mm_out / addmm_ (cuBLAS, MKL): the general case.
@@ -28,6 +32,8 @@ std::unique_ptr<StepMatmul> make_aten_step_matmul(const at::Tensor& b);
 
 // c (+)= a b through ATen; c dense row-major [m, n], a and b any strides.
 void aten_matmul_out(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+// c = a b + bias (bias [n], added to every row) through ATen.
+void aten_matmul_bias_out(at::Tensor c, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 
 struct Launchers {
   void (*forward)(const ForwardArgs& args);
@@ -36,6 +42,8 @@ struct Launchers {
   // and weight gradients).
   std::unique_ptr<StepMatmul> (*make_step_matmul)(const at::Tensor& b);
   void (*matmul_out)(at::Tensor c, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+  // The input projection with the biases: c = a b + bias, bias [n] added to every row.
+  void (*matmul_bias_out)(at::Tensor c, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias);
 };
 
 Cell parse_nonlinearity(std::string_view nonlinearity, const char* op);

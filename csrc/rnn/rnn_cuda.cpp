@@ -24,7 +24,8 @@ void backward_cuda(const BackwardArgs& args) {
   check_launch(launch_backward_cuda(args, at::cuda::getCurrentCUDAStream().stream()), "rnn pointwise backward");
 }
 
-constexpr Launchers kCudaLaunchers{&forward_cuda, &backward_cuda, &make_aten_step_matmul, &aten_matmul_out};
+constexpr Launchers kCudaLaunchers{&forward_cuda, &backward_cuda, &make_aten_step_matmul, &aten_matmul_out,
+                                   &aten_matmul_bias_out};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_cuda(const at::Tensor& input, const at::Tensor& hx,
                                                               const at::Tensor& cx, const at::Tensor& w_ih,

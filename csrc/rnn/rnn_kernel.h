@@ -51,19 +51,22 @@ struct BackwardArgs {
   void* grad_cx = nullptr;      // LSTM: d loss / d c
 };
 
-// float32 GEMM C[m, n] (+)= A[m, k] B[k, n] with B packed into column panels of
-// gemm_panel_width() floats: panel p holds B[:, p*w : (p+1)*w] row by row, zero-padded.
-// Work is split into tasks: (row block r, panel p) is task r * panels + p, a row block
-// being `row_block` rows.
+// float32 / float64 GEMM C[m, n] (+)= A[m, k] B[k, n] with B packed into column panels
+// of gemm_panel_width(dtype) elements: panel p holds B[:, p*w : (p+1)*w] row by row,
+// zero-padded. Work is split into tasks: (row block r, panel p) is task r * panels + p,
+// a row block being `row_block` rows. Pointers are to elements of `dtype`.
 struct GemmArgs {
-  const float* a = nullptr;  // row-major, row stride lda
+  DType dtype = DType::kFloat32;  // kFloat32 or kFloat64
+  const void* a = nullptr;  // row-major with row stride lda, or column-major with column stride lda
+  bool a_column_major = false;
   int64_t lda = 0;
-  const float* packed_b = nullptr;
-  float* c = nullptr;  // row-major, row stride ldc
+  const void* packed_b = nullptr;
+  void* c = nullptr;  // row-major, row stride ldc
   int64_t ldc = 0;
   int64_t m = 0, n = 0, k = 0;
   int64_t row_block = 0;
   bool accumulate = false;  // C += A B, else C = A B
+  const void* bias = nullptr;  // [n] or null: C = A B + bias in every row (accumulate false)
 };
 
 // CPU work is split by batch rows [row_begin, row_end) for the pointwise kernels and
@@ -71,10 +74,10 @@ struct GemmArgs {
 struct CpuKernels {
   void (*forward)(const ForwardArgs& args, int64_t row_begin, int64_t row_end);
   void (*backward)(const BackwardArgs& args, int64_t row_begin, int64_t row_end);
-  int64_t (*gemm_panel_width)();
+  int64_t (*gemm_panel_width)(DType dtype);
   // Packs B[k, n] (element (i, j) at b[i * stride_k + j * stride_n]) into
-  // ceil(n / width) * k * width floats.
-  void (*pack_b)(const float* b, int64_t k, int64_t n, int64_t stride_k, int64_t stride_n, float* packed);
+  // ceil(n / width) * k * width elements of `dtype` (kFloat32 or kFloat64).
+  void (*pack_b)(DType dtype, const void* b, int64_t k, int64_t n, int64_t stride_k, int64_t stride_n, void* packed);
   void (*gemm)(const GemmArgs& args, int64_t task_begin, int64_t task_end);
 };
 

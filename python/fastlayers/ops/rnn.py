@@ -265,6 +265,9 @@ if _extension.available():
         w_hr = inputs[7] if len(inputs) > 7 else None  # the layer's projection
         hy_or_output, cy_or_cells, gates = output
         ctx.mark_non_differentiable(gates)
+        # Unused outputs' gradients arrive as None: without this autograd would fill a
+        # zero tensor of the gates' size [T, B, 4H] on every backward call.
+        ctx.set_materialize_grads(False)
         ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
         ctx.save_for_backward(input, hx, cx, w_ih, w_hh, b_ih, b_hh, hy_or_output, cy_or_cells, gates, w_hr)
 
