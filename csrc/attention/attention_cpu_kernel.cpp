@@ -172,9 +172,6 @@ template <class T> void zero_rows(T* dst, int64_t ld, int64_t row_begin, int64_t
 
 template <class T> constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-// max(a, b) that returns NaN when b is NaN (std::max would drop it), so a NaN score
-// makes its row NaN, as in torch, instead of being skipped.
-template <class T> FL_INLINE T max_keep_nan(T a, T b) { return (b > a || b != b) ? b : a; }
 
 // The logits of one tile row of (already scaled) scores in place: s[j] += mask(i, j0 + j),
 // -inf where causality hides key j0 + j from query i.
@@ -301,6 +298,36 @@ void dropout_factors(const attention::DropoutParams& d, int64_t bh, int64_t i0, 
   }
 }
 
+// new_max[r] = the maximum of prev_max[r] and column r of the rows x kBlockQ tile `s`
+// (s[k * ld + r]), for all kBlockQ columns (those past the block's queries hold stale
+// values and are never read); NaN if any entry is NaN (a plain max would drop it), so a
+// NaN score makes its row NaN, as in torch, instead of being skipped. All columns'
+// registers advance together, so the max chains run side by side; NaN is tracked
+// apart from them.
+template <class T>
+void column_max(const T* s, int64_t ld, int64_t rows, const T* prev_max, T* new_max) {
+  using V = typename Vector<T>::type;
+  using Mask = decltype(V{} != V{});
+  constexpr int L = Vector<T>::kLanes;
+  constexpr int kChunks = static_cast<int>(kBlockQ / L);
+  V m[kChunks];
+  Mask nan[kChunks];
+  for (int c = 0; c < kChunks; ++c) {
+    load_vector(m[c], prev_max + c * L);
+    nan[c] = Mask{};
+  }
+  for (int64_t k = 0; k < rows; ++k) {
+    for (int c = 0; c < kChunks; ++c) {
+      V x;
+      load_vector(x, s + k * ld + c * L);
+      m[c] = x > m[c] ? x : m[c];
+      nan[c] |= x != x;
+    }
+  }
+  const V quiet_nan = V{} + std::numeric_limits<T>::quiet_NaN();
+  for (int c = 0; c < kChunks; ++c) store_vector(new_max + c * L, nan[c] ? quiet_nan : m[c]);
+}
+
 // ---- forward ----------------------------------------------------------------------------
 
 // The forward works on S^T (keys x queries): Q^T is transposed once per unit, K and V
@@ -317,7 +344,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) +
-       W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Evp) + 5 * W::size_of(kBlockQ) +
+       W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Evp) + 6 * W::size_of(kBlockQ) +
        (in.dropout.enabled ? W::size_of(kBlockK * kBlockQ) : 0));
   if (!ws.ok()) throw std::bad_alloc();
   T* qt_tile = ws.take(E * kBlockQ);       // Q^T [E][queries]
@@ -330,6 +357,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   T* new_max = ws.take(kBlockQ);
   T* tile_sum = ws.take(kBlockQ);
   T* alpha = ws.take(kBlockQ);
+  T* shift = ws.take(kBlockQ);  // the row maximum, 0 for a row that has seen no key
   T* drop_tile = in.dropout.enabled ? ws.take(kBlockK * kBlockQ) : nullptr;  // dropout factors [keys][queries]
 
   const S* query = static_cast<const S*>(in.query);
@@ -361,24 +389,26 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
       // Rows nk..Mk of S^T come from stale K rows and are never read below.
       gemm<T, false>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, st_tile, kBlockQ, false);
 
-      for (int64_t r = 0; r < nq; ++r) new_max[r] = row_max[r];
-      for (int64_t c = 0; c < nk; ++c) {
-        T* s = st_tile + c * kBlockQ;
-        logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, s);
-#pragma omp simd
-        for (int64_t r = 0; r < nq; ++r) new_max[r] = max_keep_nan(new_max[r], s[r]);
+      if (in.mask || in.causal) {
+        for (int64_t c = 0; c < nk; ++c) {
+          logits_column<S, T>(in, mask_column_ptr<S>(in, b, h, i0, j0 + c), i0, j0 + c, nq, st_tile + c * kBlockQ);
+        }
       }
+      column_max(st_tile, kBlockQ, nk, row_max, new_max);
 #pragma omp simd
       for (int64_t r = 0; r < nq; ++r) {
-        // A row that has seen no key yet keeps m = -inf, l = 0, O = 0 and gets P = 0.
-        alpha[r] = new_max[r] == kNegInf<T> ? T(1) : math::exp_nonpositive(row_max[r] - new_max[r]);
+        // A row that has seen no key yet keeps m = -inf, l = 0, O = 0 and gets P = 0:
+        // its logits are all -inf, so shifting them by 0 instead of m gives exp = 0.
+        const bool unseen = new_max[r] == kNegInf<T>;
+        alpha[r] = unseen ? T(1) : math::exp_nonpositive(row_max[r] - new_max[r]);
+        shift[r] = unseen ? T(0) : new_max[r];
         tile_sum[r] = T(0);
       }
       for (int64_t c = 0; c < nk; ++c) {
         T* s = st_tile + c * kBlockQ;
 #pragma omp simd
         for (int64_t r = 0; r < nq; ++r) {
-          const T p = new_max[r] == kNegInf<T> ? T(0) : math::exp_nonpositive(s[r] - new_max[r]);  // exp(-inf) == 0
+          const T p = math::exp_nonpositive(s[r] - shift[r]);
           s[r] = p;
           tile_sum[r] += p;
         }
