@@ -469,19 +469,11 @@ void recompute_edge_grad_input(const at::Tensor& grad_output, const at::Tensor& 
       const int64_t n = task / pixels;
       int64_t ih = 0, iw = 0;
       e.pixel(task % pixels, ih, iw);
+      const auto image = go[n];
+      const auto grad_output_at = [&](int64_t co, int64_t oh, int64_t ow) { return image[co][oh][ow]; };
+      const auto weight_at = [&](int64_t co, int64_t cl, int64_t kh, int64_t kw) { return w[co][cl][kh][kw]; };
       for (int64_t ci = 0; ci < e.in_channels; ++ci) {
-        const int64_t co_begin = ci / e.in_per_group * e.out_per_group, cl = ci % e.in_per_group;
-        T sum = 0;
-        for (int64_t kh = 0; kh < e.kernel_h; ++kh) {
-          int64_t oh = 0;
-          if (!tap_source(ih, kh, e.stride_h, e.pad_h, e.dilation_h, e.out_h, oh)) continue;
-          for (int64_t kw = 0; kw < e.kernel_w; ++kw) {
-            int64_t ow = 0;
-            if (!tap_source(iw, kw, e.stride_w, e.pad_w, e.dilation_w, e.out_w, ow)) continue;
-            for (int64_t co = co_begin; co < co_begin + e.out_per_group; ++co) sum += go[n][co][oh][ow] * w[co][cl][kh][kw];
-          }
-        }
-        out[n][ci][ih][iw] = sum;
+        out[n][ci][ih][iw] = edge_grad_input_sum<T>(e, ih, iw, ci, grad_output_at, weight_at);
       }
     }
   });

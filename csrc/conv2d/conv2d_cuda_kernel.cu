@@ -203,6 +203,23 @@ int launch_typed(const CudaGemmArgs& a, cudaStream_t stream) {
   return int(cudaGetLastError());
 }
 
+// edge_grad_input_sum's reads: grad_output(co, oh, ow) of one image at any strides, and
+// the dense [C_out, C_in/G, kh, kw] weight, both in the accumulation type.
+template <class S> struct StridedGradOutput {
+  const S* image;
+  const int64_t* strides;
+  __device__ typename Acc<S>::type operator()(int64_t co, int64_t oh, int64_t ow) const {
+    return to_compute(image[co * strides[1] + oh * strides[2] + ow * strides[3]]);
+  }
+};
+template <class S> struct DenseWeight {
+  const S* weight;
+  const EdgeGeometry& e;
+  __device__ typename Acc<S>::type operator()(int64_t co, int64_t cl, int64_t kh, int64_t kw) const {
+    return to_compute(weight[((co * e.in_per_group + cl) * e.kernel_h + kh) * e.kernel_w + kw]);
+  }
+};
+
 // One thread per (n, edge pixel, ci): EdgeGeometry's exact sum, only when the weight
 // holds a NaN or an infinity (the flag, computed on the device, keeps the host from
 // synchronizing; with a finite weight every thread returns at once).
@@ -221,20 +238,9 @@ __global__ void edge_grad_input_kernel(EdgeGradInputCudaArgs a) {
     const int64_t n = rest / e.pixels();
     int64_t ih = 0, iw = 0;
     e.pixel(rest % e.pixels(), ih, iw);
-    const int64_t co_begin = ci / e.in_per_group * e.out_per_group, cl = ci % e.in_per_group;
-    typename Acc<S>::type sum = 0;
-    for (int64_t kh = 0; kh < e.kernel_h; ++kh) {
-      int64_t oh = 0;
-      if (!tap_source(ih, kh, e.stride_h, e.pad_h, e.dilation_h, e.out_h, oh)) continue;
-      for (int64_t kw = 0; kw < e.kernel_w; ++kw) {
-        int64_t ow = 0;
-        if (!tap_source(iw, kw, e.stride_w, e.pad_w, e.dilation_w, e.out_w, ow)) continue;
-        for (int64_t co = co_begin; co < co_begin + e.out_per_group; ++co) {
-          sum += to_compute(go[n * gs[0] + co * gs[1] + oh * gs[2] + ow * gs[3]]) *
-                 to_compute(w[((co * e.in_per_group + cl) * e.kernel_h + kh) * e.kernel_w + kw]);
-        }
-      }
-    }
+    const StridedGradOutput<S> grad_output_at{go + n * gs[0], gs};
+    const DenseWeight<S> weight_at{w, e};
+    const auto sum = edge_grad_input_sum<typename Acc<S>::type>(e, ih, iw, ci, grad_output_at, weight_at);
     out[((n * e.height + ih) * e.width + iw) * e.in_channels + ci] = from_compute<S>(sum);
   }
 }

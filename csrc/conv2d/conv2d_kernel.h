@@ -160,6 +160,29 @@ FL_HOST_DEVICE inline bool tap_source(int64_t i, int64_t k, int64_t stride, int6
   return o < out;
 }
 
+// grad_input at edge pixel (ih, iw), input channel ci, of one image: the sum over the
+// taps that land inside grad_output only (EdgeGeometry), reading grad_output(co, oh, ow)
+// and weight(co, cl, kh, kw) through the caller's functors (CPU: tensor accessors; CUDA:
+// strided loads in the accumulation type), so the CPU tests exercise the CUDA pass's sum.
+template <class Acc, class GradOutput, class Weight>
+FL_HOST_DEVICE Acc edge_grad_input_sum(const EdgeGeometry& e, int64_t ih, int64_t iw, int64_t ci,
+                                       const GradOutput& grad_output, const Weight& weight) {
+  const int64_t co_begin = ci / e.in_per_group * e.out_per_group, cl = ci % e.in_per_group;
+  Acc sum = 0;
+  for (int64_t kh = 0; kh < e.kernel_h; ++kh) {
+    int64_t oh = 0;
+    if (!tap_source(ih, kh, e.stride_h, e.pad_h, e.dilation_h, e.out_h, oh)) continue;
+    for (int64_t kw = 0; kw < e.kernel_w; ++kw) {
+      int64_t ow = 0;
+      if (!tap_source(iw, kw, e.stride_w, e.pad_w, e.dilation_w, e.out_w, ow)) continue;
+      for (int64_t co = co_begin; co < co_begin + e.out_per_group; ++co) {
+        sum += grad_output(co, oh, ow) * weight(co, cl, kh, kw);
+      }
+    }
+  }
+  return sum;
+}
+
 struct CpuKernels {
   // Rows [row_begin, row_end) of C, every column; the caller parallelizes over rows.
   void (*offset_gemm)(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end);
