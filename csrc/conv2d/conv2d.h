@@ -28,6 +28,9 @@ Geometry make_geometry(const char* op, at::IntArrayRef input_size, at::IntArrayR
 // `other` is on input's device and has its dtype.
 void check_same(const char* op, const at::Tensor& input, const char* arg, const at::Tensor& other);
 
+// grad_output has the output shape of geometry `g` (RuntimeError naming both otherwise).
+void check_grad_output(const char* op, const at::Tensor& grad_output, const Geometry& g);
+
 // Every check of a forward op: dtypes, devices, shapes, parameters, the bias.
 Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,

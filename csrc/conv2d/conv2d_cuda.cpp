@@ -116,13 +116,6 @@ at::Tensor conv2d_cuda(const at::Tensor& input, const at::Tensor& weight, const 
   return nhwc_to_output(out, wants_channels_last(input, weight));
 }
 
-void check_grad_output(const char* op, const at::Tensor& grad_output, const Geometry& g) {
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
-                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
-              op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
-              "], got ", grad_output.sizes());
-}
-
 at::Tensor conv2d_backward_input_cuda(const at::Tensor& grad_output, const at::Tensor& weight,
                                       at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
