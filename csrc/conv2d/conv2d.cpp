@@ -104,11 +104,35 @@ void check_same(const char* op, const at::Tensor& input, const char* arg, const 
               " type (", other.scalar_type(), ") should be the same");
 }
 
+namespace {
 void check_grad_output(const char* op, const at::Tensor& grad_output, const Geometry& g) {
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
                   grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
               op, ": expected grad_output of shape [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ", g.out_w,
               "], got ", grad_output.sizes());
+}
+}  // namespace
+
+Geometry check_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef input_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
+  const char* op = "conv2d_backward_input";
+  kernel_dtype(grad_output, op, "grad_output");
+  check_same(op, grad_output, "weight", weight);
+  const Geometry g = make_geometry(op, input_size, weight.sizes(), stride, padding, dilation, groups);
+  check_grad_output(op, grad_output, g);
+  return g;
+}
+
+Geometry check_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef weight_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups) {
+  const char* op = "conv2d_backward_weight";
+  kernel_dtype(input, op, "input");
+  check_same(op, input, "grad_output", grad_output);
+  const Geometry g = make_geometry(op, input.sizes(), weight_size, stride, padding, dilation, groups);
+  check_grad_output(op, grad_output, g);
+  return g;
 }
 
 Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor& weight,
@@ -551,11 +575,7 @@ at::Tensor grad_input_passes(const at::Tensor& go, const at::Tensor& weight, con
 at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
                                      at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                      at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "conv2d_backward_input";
-  kernel_dtype(grad_output, op, "grad_output");
-  check_same(op, grad_output, "weight", weight);
-  const Geometry g = make_geometry(op, input_size, weight.sizes(), stride, padding, dilation, groups);
-  check_grad_output(op, grad_output, g);
+  const Geometry g = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   // An input without pixels (the padding alone gives the output its size) has no
   // phase to run; its gradient is empty.
   if (g.height == 0 || g.width == 0) return at::zeros(input_size, grad_output.options());
@@ -624,11 +644,7 @@ at::Tensor depthwise_weight_grad_cpu(const ConvPass& p, const at::Tensor& grad_o
 at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                       at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
-  const char* op = "conv2d_backward_weight";
-  kernel_dtype(input, op, "input");
-  check_same(op, input, "grad_output", grad_output);
-  const Geometry g = make_geometry(op, input.sizes(), weight_size, stride, padding, dilation, groups);
-  check_grad_output(op, grad_output, g);
+  const Geometry g = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
   const int64_t field = g.kernel_h * g.kernel_w * g.in_per_group();
   const int64_t pixels = g.batch * g.out_h * g.out_w;
   at::Tensor x = to_compute(input);

@@ -28,8 +28,15 @@ Geometry make_geometry(const char* op, at::IntArrayRef input_size, at::IntArrayR
 // `other` is on input's device and has its dtype.
 void check_same(const char* op, const at::Tensor& input, const char* arg, const at::Tensor& other);
 
-// grad_output has the output shape of geometry `g` (RuntimeError naming both otherwise).
-void check_grad_output(const char* op, const at::Tensor& grad_output, const Geometry& g);
+// Every check of conv2d_backward_input (grad_output's dtype, weight's device and dtype,
+// the geometry, grad_output's shape) and of conv2d_backward_weight (input's dtype,
+// grad_output's device and dtype, the geometry, grad_output's shape).
+Geometry check_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, at::IntArrayRef input_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups);
+Geometry check_backward_weight(const at::Tensor& grad_output, const at::Tensor& input, at::IntArrayRef weight_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                               int64_t groups);
 
 // Every check of a forward op: dtypes, devices, shapes, parameters, the bias.
 Geometry check_forward(const char* op, const at::Tensor& input, const at::Tensor& weight,

@@ -120,10 +120,7 @@ at::Tensor conv2d_backward_input_cuda(const at::Tensor& grad_output, const at::T
                                       at::IntArrayRef input_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_input";
-  kernel_dtype(grad_output, op, "grad_output");
-  check_same(op, grad_output, "weight", weight);
-  const Geometry g = make_geometry(op, input_size, weight.sizes(), stride, padding, dilation, groups);
-  check_grad_output(op, grad_output, g);
+  const Geometry g = check_backward_input(grad_output, weight, input_size, stride, padding, dilation, groups);
   check_grid_limits(op, g);
   const c10::cuda::CUDAGuard guard(grad_output.device());
   at::Tensor image = place_nhwc(grad_output, g.height + g.dilation_h * (g.kernel_h - 1),
@@ -181,10 +178,7 @@ at::Tensor conv2d_backward_weight_cuda(const at::Tensor& grad_output, const at::
                                        at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                        at::IntArrayRef dilation, int64_t groups) {
   const char* op = "conv2d_backward_weight";
-  kernel_dtype(input, op, "input");
-  check_same(op, input, "grad_output", grad_output);
-  const Geometry g = make_geometry(op, input.sizes(), weight_size, stride, padding, dilation, groups);
-  check_grad_output(op, grad_output, g);
+  const Geometry g = check_backward_weight(grad_output, input, weight_size, stride, padding, dilation, groups);
   check_grid_limits(op, g);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor image = place_nhwc(input, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.pad_h, g.pad_w, 1, 1);
