@@ -843,6 +843,10 @@ at::Tensor conv2d_relu_max_pool2d_backward_cpu(const at::Tensor& grad_output, co
   TORCH_CHECK(argmax.sizes() == output.sizes() && argmax.scalar_type() == at::kByte, op,
               ": argmax must be uint8 of shape ", output.sizes(), ", got ", argmax.scalar_type(), " ",
               argmax.sizes());
+  // A window position outside 0..3 would drop the window's gradient silently; one uint8
+  // reduction over the pooled tensor, small next to the backward.
+  TORCH_CHECK_VALUE(argmax.numel() == 0 || argmax.max().item<uint8_t>() <= 3, op,
+                    ": argmax holds 2x2 window positions 0..3, got a ", int(argmax.max().item<uint8_t>()));
   at::Tensor g = to_compute(grad_output);
   at::Tensor y = to_compute(output);
   at::Tensor grad_conv = at::empty({conv_size[0], conv_size[2], conv_size[3], conv_size[1]}, g.options());
