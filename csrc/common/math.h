@@ -121,14 +121,23 @@ FL_INLINE double exp_finite(double x) {
 }  // namespace detail
 #endif
 
+#if !defined(__CUDA_ARCH__)
+namespace detail {
+// exp_finite for any x: NaN would make the float->int conversion undefined; compute on 0
+// and put it back.
+template <class T> FL_INLINE T exp_any(T x) {
+  const bool is_nan = x != x;
+  const T e = exp_finite(is_nan ? T(0) : x);
+  return is_nan ? x : e;
+}
+}  // namespace detail
+#endif
+
 FL_HOST_DEVICE FL_INLINE float exp(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
 #else
-  // NaN would make the float->int conversion undefined; compute on 0 and put it back.
-  bool is_nan = x != x;
-  float e = detail::exp_finite(is_nan ? 0.0f : x);
-  return is_nan ? x : e;
+  return detail::exp_any(x);
 #endif
 }
 
@@ -136,9 +145,7 @@ FL_HOST_DEVICE FL_INLINE double exp(double x) {
 #if defined(__CUDA_ARCH__)
   return ::exp(x);
 #else
-  bool is_nan = x != x;
-  double e = detail::exp_finite(is_nan ? 0.0 : x);
-  return is_nan ? x : e;
+  return detail::exp_any(x);
 #endif
 }
 

@@ -49,6 +49,7 @@ from torch.nn.utils import parametrize
 
 from fastlayers import nn as fnn
 from fastlayers.nn.attention import mha_constructor_args
+from fastlayers.nn.conv import conv_constructor_args
 
 __all__ = ["convert", "revert"]
 
@@ -127,18 +128,7 @@ def _carry(old: nn.Module, new: nn.Module) -> nn.Module:
 
 
 def _conv_twin(module: nn.Conv2d | nn.Conv1d, cls: type) -> nn.Module:
-    return cls(
-        module.in_channels,
-        module.out_channels,
-        module.kernel_size,
-        stride=module.stride,
-        padding=module.padding,
-        dilation=module.dilation,
-        groups=module.groups,
-        bias=module.bias is not None,
-        padding_mode=module.padding_mode,
-        device="meta",
-    )
+    return cls(**conv_constructor_args(module), device="meta")
 
 
 def _twin(module: nn.Module, cls: type) -> nn.Module:

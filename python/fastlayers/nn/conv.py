@@ -16,22 +16,27 @@ from torch import nn
 from fastlayers.ops.conv2d import conv1d, conv2d, conv2d_relu, conv2d_relu_max_pool2d
 
 
-def _from_torch(cls, module: nn.Module, twin: type):
-    if not isinstance(module, twin):
-        raise TypeError(f"{cls.__name__}.from_torch expects a {twin.__module__}.{twin.__qualname__}, got {type(module)}")
-    out = cls(
-        module.in_channels,
-        module.out_channels,
-        module.kernel_size,
+def conv_constructor_args(module: nn.Conv1d | nn.Conv2d) -> dict:
+    """The constructor arguments (all but device and dtype) that rebuild ``module``'s
+    hyperparameters, for torch.nn.Conv1d/Conv2d, their fastlayers twins and the fused
+    blocks."""
+    return dict(
+        in_channels=module.in_channels,
+        out_channels=module.out_channels,
+        kernel_size=module.kernel_size,
         stride=module.stride,
         padding=module.padding,
         dilation=module.dilation,
         groups=module.groups,
         bias=module.bias is not None,
         padding_mode=module.padding_mode,
-        device=module.weight.device,
-        dtype=module.weight.dtype,
     )
+
+
+def _from_torch(cls, module: nn.Module, twin: type):
+    if not isinstance(module, twin):
+        raise TypeError(f"{cls.__name__}.from_torch expects a {twin.__module__}.{twin.__qualname__}, got {type(module)}")
+    out = cls(**conv_constructor_args(module), device=module.weight.device, dtype=module.weight.dtype)
     out.load_state_dict(module.state_dict())
     out.train(module.training)
     return out
