@@ -140,11 +140,14 @@ if(_cuda_root)
   endforeach()
 endif()
 
+# Architectures: sm_80 and sm_90 (+PTX for newer chips) unless the user says otherwise.
+# Set even when no CUDA kernel is built: without it torch's config compiles and runs a
+# GPU-detection program, which fails in a build folder configured earlier with CUDA
+# (FASTLAYERS_CUDA=off after a CUDA build: "CUDA_ARCHITECTURES is empty").
+if(_cuda_root AND (NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} OR "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL ""))
+  set(ENV{TORCH_CUDA_ARCH_LIST} "8.0;9.0+PTX")
+endif()
 if(FASTLAYERS_WITH_CUDA)
-  # Architectures: sm_80 and sm_90 (+PTX for newer chips) unless the user says otherwise.
-  if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} OR "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
-    set(ENV{TORCH_CUDA_ARCH_LIST} "8.0;9.0+PTX")
-  endif()
   set(FASTLAYERS_CUDA_ARCH_LIST "$ENV{TORCH_CUDA_ARCH_LIST}")
   message(STATUS "fastlayers: CUDA architectures ${FASTLAYERS_CUDA_ARCH_LIST}")
   enable_language(CUDA)
