@@ -46,6 +46,17 @@ constexpr int kVecBytes = 16;
 // compiler it ran element by element, as slow as the rest of the row at H = 50.
 template <class S> constexpr int64_t kUnitBlock = kVecBytes / static_cast<int64_t>(sizeof(compute_t<S>));
 
+// The first `count` (< kUnitBlock) elements of a row into a zero-padded block, and back.
+template <class S>
+FL_INLINE void load_tail(S* block, const S* src, int64_t count) {
+  cpu::load_partial<kUnitBlock<S> * sizeof(S)>(block, src, static_cast<int>(count * sizeof(S)));
+}
+
+template <class S>
+FL_INLINE void store_tail(S* dst, const S* block, int64_t count) {
+  cpu::store_partial<kUnitBlock<S> * sizeof(S)>(dst, block, static_cast<int>(count * sizeof(S)));
+}
+
 template <class S>
 FL_INLINE void lstm_forward_units(S* zi, S* zf, S* zg, S* zo, const S* c_prev, S* h_next, S* c_next,
                                   int64_t count) {
@@ -74,13 +85,13 @@ void lstm_forward(const ForwardArgs& args, int64_t begin, int64_t end) {
     S* c_next = static_cast<S*>(args.cy) + row * hidden;
     lstm_forward_units(z, z + hidden, z + 2 * hidden, z + 3 * hidden, c_prev, h_next, c_next, full);
     if (tail == 0) continue;
-    S gates[4][kBlock] = {}, c_in[kBlock] = {}, h_out[kBlock], c_out[kBlock];
-    for (int g = 0; g < 4; ++g) std::copy_n(z + g * hidden + full, tail, gates[g]);
-    std::copy_n(c_prev + full, tail, c_in);
+    alignas(64) S gates[4][kBlock], c_in[kBlock], h_out[kBlock], c_out[kBlock];
+    for (int g = 0; g < 4; ++g) load_tail<S>(gates[g], z + g * hidden + full, tail);
+    load_tail<S>(c_in, c_prev + full, tail);
     lstm_forward_units(gates[0], gates[1], gates[2], gates[3], c_in, h_out, c_out, kBlock);
-    for (int g = 0; g < 4; ++g) std::copy_n(gates[g], tail, z + g * hidden + full);
-    std::copy_n(h_out, tail, h_next + full);
-    std::copy_n(c_out, tail, c_next + full);
+    for (int g = 0; g < 4; ++g) store_tail<S>(z + g * hidden + full, gates[g], tail);
+    store_tail<S>(h_next + full, h_out, tail);
+    store_tail<S>(c_next + full, c_out, tail);
   }
 }
 
@@ -142,14 +153,14 @@ void lstm_backward(const BackwardArgs& args, int64_t begin, int64_t end) {
     lstm_backward_units(gates, c_prev, c_next, dh, dh_rec, dc, dc_rec, grads, dc_prev, full);
     if (tail == 0) continue;
     // Inputs 0-3 gates, 4 c, 5 c', 6-7 dh, 8-9 dc; outputs 0-3 dz, 4 dc_prev.
-    S in[10][kBlock] = {}, out[5][kBlock];
+    alignas(64) S in[10][kBlock], out[5][kBlock];
     const S* const sources[10] = {gates[0], gates[1], gates[2], gates[3], c_prev, c_next, dh, dh_rec, dc, dc_rec};
-    for (int i = 0; i < 10; ++i) std::copy_n(sources[i] + full, tail, in[i]);
+    for (int i = 0; i < 10; ++i) load_tail<S>(in[i], sources[i] + full, tail);
     const S* const tail_gates[4] = {in[0], in[1], in[2], in[3]};
     S* const tail_grads[4] = {out[0], out[1], out[2], out[3]};
     lstm_backward_units(tail_gates, in[4], in[5], in[6], in[7], in[8], in[9], tail_grads, out[4], kBlock);
-    for (int i = 0; i < 4; ++i) std::copy_n(out[i], tail, grads[i] + full);
-    std::copy_n(out[4], tail, dc_prev + full);
+    for (int i = 0; i < 4; ++i) store_tail<S>(grads[i] + full, out[i], tail);
+    store_tail<S>(dc_prev + full, out[4], tail);
   }
 }
 
