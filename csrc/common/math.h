@@ -187,7 +187,7 @@ FL_HOST_DEVICE FL_INLINE float tanh(float x) {
   p = p * z - 5.37397155531e-2f;
   p = p * z + 1.33314422036e-1f;
   p = p * z - 3.33332819422e-1f;
-  float u = exp(-2.0f * ax);
+  float u = exp_nonpositive(-2.0f * ax);  // -2|x| <= 0 (or NaN, which stays NaN)
   bool small = ax < 0.625f;
   float num = small ? p * z * ax + ax : 1.0f - u;
   float den = small ? 1.0f : 1.0f + u;
@@ -239,9 +239,14 @@ FL_HOST_DEVICE FL_INLINE float erfc(float x) {
 
 FL_HOST_DEVICE FL_INLINE double erfc(double x) { return ::erfc(x); }
 
+// 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) below: e = e^{-|x|} lies in (0, 1], so
+// exp_nonpositive's cheaper path serves (no overflow or NaN handling; the LSTM's
+// pointwise pass is three sigmoids and two tanh per unit). Results under 1.2e-38 flush
+// to 0, as 1 / (1 + e^-x) did from x = -88.7 on; NaN stays NaN, sigmoid(-0.0) = 0.5.
 template <class T>
 FL_HOST_DEVICE FL_INLINE T sigmoid(T x) {
-  return T(1) / (T(1) + exp(-x));
+  const T e = exp_nonpositive(x < T(0) ? x : -x);
+  return (x >= T(0) ? T(1) : e) / (T(1) + e);
 }
 
 }  // namespace fastlayers::math
