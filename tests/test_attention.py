@@ -204,6 +204,23 @@ def test_strided_and_broadcast_inputs_give_the_dense_result():
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+@pytest.mark.parametrize("keys", [88, 90, 128])
+def test_keys_and_values_read_in_place_give_the_dense_result(keys):
+    """float32 K and V tiles are read in place (rows strided as (B, L, H, E) transposed
+    to (B, H, L, E)); a last block of 24 keys is read in place too, one of 26 is copied."""
+    q = torch.randn(2, 4, 70, 32)
+    k = torch.randn(2, keys, 4, 32).transpose(1, 2)
+    v = torch.randn(2, keys, 4, 64).transpose(1, 2)
+    for causal in (False, True):
+        out, lse = flash(q, k, v, None, causal, 0.25)
+        ref_out, ref_lse = flash(q, k.contiguous(), v.contiguous(), None, causal, 0.25)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), is_causal=causal, scale=0.25
+        )
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_rows_that_see_no_key_give_zero_output_and_gradients_as_torch(device):
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 6, 9, 8, 8, torch.float64, device))
