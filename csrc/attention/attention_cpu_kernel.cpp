@@ -329,6 +329,30 @@ void column_max(const T* s, int64_t ld, int64_t rows, const T* prev_max, T* new_
   for (int c = 0; c < kChunks; ++c) store_vector(new_max + c * L, nan[c] ? quiet_nan : m[c]);
 }
 
+// P^T = exp(S^T - shift) in place over `rows` keys of the tile (s[k * ld + r]) and
+// sum[r] = the sum over those keys, for query columns 0 .. round_up(nq, kLanes): one
+// vector of queries at a time, its shift and sum held in registers down the keys (the
+// plain loop over the tile reloaded and stored the sums for every key). Columns past
+// nq hold stale values and are never read.
+template <class T>
+void exp_columns(T* s, int64_t ld, int64_t rows, int64_t nq, const T* shift, T* sum) {
+  constexpr int L = Vector<T>::kLanes;
+  for (int64_t r0 = 0; r0 < nq; r0 += L) {
+    T shift_chunk[L], acc[L] = {};
+    std::memcpy(shift_chunk, shift + r0, sizeof(shift_chunk));
+    for (int64_t k = 0; k < rows; ++k) {
+      T* row = s + k * ld + r0;
+#pragma omp simd
+      for (int r = 0; r < L; ++r) {
+        const T p = math::exp_nonpositive(row[r] - shift_chunk[r]);
+        row[r] = p;
+        acc[r] += p;
+      }
+    }
+    std::memcpy(sum + r0, acc, sizeof(acc));
+  }
+}
+
 // ---- forward ----------------------------------------------------------------------------
 
 // The forward works on S^T (keys x queries): Q^T is transposed once per unit, K and V
@@ -424,15 +448,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         shift[r] = unseen ? T(0) : new_max[r];
         tile_sum[r] = T(0);
       }
-      for (int64_t c = 0; c < nk; ++c) {
-        T* s = st_tile + c * kBlockQ;
-#pragma omp simd
-        for (int64_t r = 0; r < nq; ++r) {
-          const T p = math::exp_nonpositive(s[r] - shift[r]);
-          s[r] = p;
-          tile_sum[r] += p;
-        }
-      }
+      exp_columns(st_tile, kBlockQ, nk, nq, shift, tile_sum);
       for (int64_t r = 0; r < nq; ++r) {
         row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
         row_max[r] = new_max[r];
