@@ -221,6 +221,27 @@ def test_keys_and_values_read_in_place_give_the_dense_result(keys):
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lengths", [(88, 88), (70, 90), (128, 130)])
+def test_gradients_with_tiles_read_in_place_match_the_dense_result(lengths):
+    """The backward reads float32 K, V and dO rows in place where it can (strided rows
+    here), and copies partial blocks whose padded rows do not exist."""
+    queries, keys = lengths
+    q = torch.randn(2, queries, 4, 32).transpose(1, 2)
+    k = torch.randn(2, keys, 4, 32).transpose(1, 2)
+    v = torch.randn(2, keys, 4, 32).transpose(1, 2)
+    grad = torch.randn(2, queries, 4, 32).transpose(1, 2)
+    for causal in (False, True):
+        strided = [t.clone().requires_grad_() for t in (q, k, v)]
+        dense = [t.contiguous().requires_grad_() for t in (q, k, v)]
+        exact = [t.double().requires_grad_() for t in (q, k, v)]
+        got = torch.autograd.grad(sdpa(*strided, is_causal=causal), strided, grad)
+        want = torch.autograd.grad(sdpa(*dense, is_causal=causal), dense, grad.contiguous())
+        oracle = torch.autograd.grad(F.scaled_dot_product_attention(*exact, is_causal=causal), exact, grad.double())
+        for a, b, c in zip(got, want, oracle):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("device", devices())
 def test_rows_that_see_no_key_give_zero_output_and_gradients_as_torch(device):
     q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 2, 6, 9, 8, 8, torch.float64, device))

@@ -595,6 +595,7 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const HeadDims<T> dims(in);
   const int64_t E = dims.E, Ev = dims.Ev, Ep = dims.Ep, Evp = dims.Evp, group = dims.group;
   const T scale = dims.scale;
+  constexpr bool kInputIsCompute = std::is_same_v<S, T>;
   const int64_t k_blocks = attention::ceil_div(sh.kv_len, kBlockK);
   T* dq_accumulator = static_cast<T*>(args.grad_query_accumulator);
   const bool fused = dq_accumulator != nullptr;
@@ -653,10 +654,16 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
           const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
           const int64_t Mq = round_up(nq, kRowsPerPanel);
           copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep, scale);
-          copy_rows(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev, do_tile, Evp);
-          // Rows nq..Mq (stale Q, dO) give S, dP rows that only feed dQ padding rows.
+          // dO read in place when its rows can serve both products (A of dP: the Mq rows
+          // exist; B of dV: width a whole number of panels), as K and V in the forward.
+          const S* do_src = grad_out + b * gs.batch + h * gs.head + i0 * gs.row;
+          const bool do_in_place = kInputIsCompute && Ev == Evp && i0 + Mq <= sh.q_len;
+          const T* do_rows = do_in_place ? reinterpret_cast<const T*>(do_src) : do_tile;
+          const int64_t do_ld = do_in_place ? gs.row : Evp;
+          if (!do_in_place) copy_rows(do_src, gs.row, nq, Ev, do_tile, Evp);
+          // Rows nq..Mq (stale or later Q, dO) give S, dP rows that only feed dQ padding rows.
           gemm<T, false>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);     // S
-          gemm<T, false>(Mq, Nk, Ev, do_tile, Evp, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
+          gemm<T, false>(Mq, Nk, Ev, do_rows, do_ld, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
           const T* lse_rows = lse + bh * sh.q_len + i0;
           const T* dot_rows = dot + bh * sh.q_len + i0;
           if (drop_tile) dropout_factors<T, false>(in.dropout, bh, i0, nq, j0, nk, drop_tile, kBlockK);
@@ -672,7 +679,7 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
             }
           }
           // P and dS columns nk..Mk (unprocessed) only feed dK/dV rows that are never written out.
-          gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_tile, Evp, dv_acc, Evp, true);  // dV += P^T dO
+          gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_rows, do_ld, dv_acc, Evp, true);  // dV += P^T dO
           gemm<T, true>(Mk, Ep, nq, dp_tile, kBlockK, q_tile, Ep, dk_acc, Ep, true);     // dK += dS^T (scale Q)
           if (fused) {  // dQ += dS K; rows nq..Mq land in the accumulator's padding rows
             gemm<T, false>(Mq, Ep, nk, dp_tile, kBlockK, k_tile, Ep, dq_accumulator + (bh * q_rows_padded + i0) * ldq,
@@ -716,6 +723,7 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const HeadDims<T> dims(in);
   const int64_t E = dims.E, Ev = dims.Ev, Ep = dims.Ep, Evp = dims.Evp;
   const T scale = dims.scale;
+  constexpr bool kInputIsCompute = std::is_same_v<S, T>;
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockQ) + W::size_of(Ev * kBlockQ) + W::size_of(kBlockK * Ep) +
@@ -757,11 +765,18 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kv_end - j0);
       const int64_t Mk = round_up(nk, kRowsPerPanel);
-      copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
-      copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
-      // Rows nk..Mk (stale K, V) give S^T, dP^T rows that no product below reads.
-      gemm<T, false>(Mk, Nq, E, k_tile, Ep, qt_tile, kBlockQ, st_tile, kBlockQ, false);     // S^T
-      gemm<T, false>(Mk, Nq, Ev, v_tile, Evp, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
+      // K and V read in place where the GEMMs can take their rows, as in the forward.
+      // (K is also the dQ product's B, read Ep wide; V only the A of dP^T.)
+      const bool rows_exist = kInputIsCompute && j0 + Mk <= sh.kv_len;
+      const T* k_rows = rows_exist && E == Ep ? reinterpret_cast<const T*>(k_head + j0 * in.k.row) : k_tile;
+      const int64_t k_ld = k_rows == k_tile ? Ep : in.k.row;
+      if (k_rows == k_tile) copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
+      const T* v_rows = rows_exist ? reinterpret_cast<const T*>(v_head + j0 * in.v.row) : v_tile;
+      const int64_t v_ld = v_rows == v_tile ? Evp : in.v.row;
+      if (v_rows == v_tile) copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
+      // Rows nk..Mk (stale or later K, V) give S^T, dP^T rows that no product below reads.
+      gemm<T, false>(Mk, Nq, E, k_rows, k_ld, qt_tile, kBlockQ, st_tile, kBlockQ, false);     // S^T
+      gemm<T, false>(Mk, Nq, Ev, v_rows, v_ld, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
       if (drop_tile) dropout_factors<T, true>(in.dropout, bh, i0, nq, j0, nk, drop_tile, kBlockQ);
       for (int64_t c = 0; c < nk; ++c) {
         T* s = st_tile + c * kBlockQ;
@@ -770,7 +785,7 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
                                       drop_tile ? drop_tile + c * kBlockQ : nullptr);
       }
       // dS columns nq..Mq (unprocessed) only feed dQ rows that are never written out.
-      gemm<T, true>(Mq, Ep, nk, dpt_tile, kBlockQ, k_tile, Ep, dq_acc, Ep, true);  // dQ += dS K
+      gemm<T, true>(Mq, Ep, nk, dpt_tile, kBlockQ, k_rows, k_ld, dq_acc, Ep, true);  // dQ += dS K
     }
 
     S* dq = grad_query + (bh * sh.q_len + i0) * E;
