@@ -6,7 +6,7 @@ so that clock drift and thermal state hit both alike; each round times one provi
 with ``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronizes CUDA), and
 the reported time is the median over rounds with the 20th-80th percentile spread.
 
-Denominators are measured in the same run: the fp32 FMA peak with the project's own
+Denominators are measured in the same run, after the cases: the fp32 FMA peak with the project's own
 C++ FMA loop (fastlayers._C.measure_fma_peak_gflops) at the benchmark's thread count,
 and the memory bandwidth of a large tensor copy. Results print as a table and go to
 ``benchmarks/results/<name>.json`` (runs appended, with machine and versions) and a PNG.
@@ -144,10 +144,15 @@ def run(name: str, cases: list[Case], args: argparse.Namespace, metric: str = "g
     ("gflops" or "gbps") is the throughput the plot shows beside the speedup."""
     torch.set_num_threads(args.threads)
     devices = sorted({c.device for c in cases})
-    machine = machine_info(args.threads, devices)
-    machine["malloc"] = MALLOC_NOTE
     rounds, min_run_time = (3, 0.05) if args.quick else (7, 0.2)
     results = [time_case(case, args.threads, rounds, min_run_time) for case in cases]
+    # The denominators are measured after the cases, not before: right after the FMA
+    # loop's own threads, torch's thread pool ran as if on one core for seconds (the
+    # seed-size LSTM train step took 2.8 ms instead of 1.8 for ours, 3.4 instead of 2.2
+    # for torch's; a 3 s pause also avoided it), which also made earlier runs' native
+    # seed-size times swing between 2.1 and 4.1 ms.
+    machine = machine_info(args.threads, devices)
+    machine["malloc"] = MALLOC_NOTE
     for r in results:
         peak = machine.get("fma_peak_gflops") if r["device"] == "cpu" else None
         bandwidth = machine.get("copy_gbps") if r["device"] == "cpu" else machine.get("gpu_copy_gbps")
