@@ -767,64 +767,29 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_cpu(const at::Tensor& 
 
 // grad_conv (NHWC, dense) from the pooled gradient, output and argmax (any strides):
 // each conv pixel takes its window's gradient if it is the window's argmax and the
-// pooled output is not <= 0 (threshold_backward's rule), else 0. A task owns the two
-// conv rows of one window row: it zeroes them, then scatters each window's gradient to
-// its argmax pixel, reading the pooled tensors in their memory order (along the
-// window row when they are NCHW, along the channels when channels_last), one read of
-// each per window instead of one per conv pixel. Conv rows below every window (odd
-// height) are zeroed by the image's last task.
-template <class T>
+// pooled output is not <= 0 (threshold_backward's rule), else 0; the kernel
+// (UnpoolArgs, conv2d_cpu_kernel.cpp) writes each window row's conv rows once.
 void unpool_relu(const at::Tensor& grad, const at::Tensor& pooled, const at::Tensor& argmax, at::Tensor& grad_conv) {
-  const T* g = grad.const_data_ptr<T>();
-  const T* y = pooled.const_data_ptr<T>();
-  const uint8_t* idx = argmax.const_data_ptr<uint8_t>();
-  T* out = grad_conv.mutable_data_ptr<T>();
-  const int64_t batch = grad_conv.size(0), conv_h = grad_conv.size(1), conv_w = grad_conv.size(2);
-  const int64_t channels = grad_conv.size(3);
-  const int64_t pooled_h = pooled.size(2), pooled_w = pooled.size(3);
-  const int64_t row_len = conv_w * channels;
-  const auto gs = grad.strides(), ys = pooled.strides(), is = argmax.strides();
-  const int64_t window_rows = std::max<int64_t>(pooled_h, 1);  // tasks of one image
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, 2 * row_len));
-  const bool channels_inner = gs[1] < gs[3];
-  at::parallel_for(0, batch * window_rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / window_rows, ph = task % window_rows;
-      const int64_t first_row = 2 * ph, end_row = ph + 1 == window_rows ? conv_h : 2 * ph + 2;
-      T* rows = out + (n * conv_h + first_row) * row_len;
-      std::fill(rows, rows + (end_row - first_row) * row_len, T(0));
-      if (ph >= pooled_h) continue;
-      const T* g_row = g + n * gs[0] + ph * gs[2];
-      const T* y_row = y + n * ys[0] + ph * ys[2];
-      const uint8_t* i_row = idx + n * is[0] + ph * is[2];
-      // q > 3 is not a window position: no conv pixel matches it (gradient 0).
-      if (channels_inner) {
-        for (int64_t pw = 0; pw < pooled_w; ++pw) {
-          const T* gp = g_row + pw * gs[3];
-          const T* yp = y_row + pw * ys[3];
-          const uint8_t* ip = i_row + pw * is[3];
-          T* window = rows + 2 * pw * channels;
-          for (int64_t c = 0; c < channels; ++c) {
-            const uint8_t q = ip[c * is[1]];
-            if (q > 3) continue;
-            window[(q / 2) * row_len + (q % 2) * channels + c] = yp[c * ys[1]] <= T(0) ? T(0) : gp[c * gs[1]];
-          }
-        }
-      } else {
-        for (int64_t c = 0; c < channels; ++c) {
-          const T* gp = g_row + c * gs[1];
-          const T* yp = y_row + c * ys[1];
-          const uint8_t* ip = i_row + c * is[1];
-          T* channel = rows + c;
-          for (int64_t pw = 0; pw < pooled_w; ++pw) {
-            const uint8_t q = ip[pw * is[3]];
-            if (q > 3) continue;
-            channel[(q / 2) * row_len + (2 * pw + q % 2) * channels] = yp[pw * ys[3]] <= T(0) ? T(0) : gp[pw * gs[3]];
-          }
-        }
-      }
-    }
-  });
+  UnpoolArgs args;
+  args.grad = grad.const_data_ptr();
+  args.pooled = pooled.const_data_ptr();
+  args.argmax = argmax.const_data_ptr<uint8_t>();
+  for (int d = 0; d < 4; ++d) {
+    args.grad_stride[d] = grad.stride(d);
+    args.pooled_stride[d] = pooled.stride(d);
+    args.argmax_stride[d] = argmax.stride(d);
+  }
+  args.channels = grad_conv.size(3);
+  args.pooled_h = pooled.size(2);
+  args.pooled_w = pooled.size(3);
+  args.conv_h = grad_conv.size(1);
+  args.conv_w = grad_conv.size(2);
+  args.out = grad_conv.mutable_data_ptr();
+  args.dtype = grad.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  const int64_t tasks = grad_conv.size(0) * std::max<int64_t>(args.pooled_h, 1);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, 2 * args.conv_w * args.channels));
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { kernels.unpool_relu(args, begin, end); });
 }
 
 at::Tensor conv2d_relu_max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& output,
@@ -850,8 +815,7 @@ at::Tensor conv2d_relu_max_pool2d_backward_cpu(const at::Tensor& grad_output, co
   at::Tensor g = to_compute(grad_output);
   at::Tensor y = to_compute(output);
   at::Tensor grad_conv = at::empty({conv_size[0], conv_size[2], conv_size[3], conv_size[1]}, g.options());
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "conv2d_relu_max_pool2d_backward",
-                             [&] { unpool_relu<scalar_t>(g, y, argmax, grad_conv); });
+  unpool_relu(g, y, argmax, grad_conv);
   return from_nhwc(grad_conv, true).to(grad_output.scalar_type());
 }
 

@@ -69,6 +69,23 @@ struct PlaceArgs {
   DType dtype = DType::kFloat32;
 };
 
+// The fused conv -> ReLU -> 2x2 max-pool backward's scatter: the gradient at each pooled
+// element (zero where the pooled output is <= 0, the ReLU) goes to the conv pixel its
+// window's argmax (0..3, row-major in the window) names, every other conv pixel gets 0.
+// Sources [N, C, PH, PW] with any strides; the result a dense [N, conv_h, conv_w, C]
+// (NHWC) gradient, conv_h / conv_w = 2 PH / 2 PW plus an odd row / column of zeros.
+struct UnpoolArgs {
+  const void* grad = nullptr;
+  const void* pooled = nullptr;
+  const uint8_t* argmax = nullptr;
+  int64_t grad_stride[4] = {0, 0, 0, 0};  // elements, in N, C, H, W order
+  int64_t pooled_stride[4] = {0, 0, 0, 0};
+  int64_t argmax_stride[4] = {0, 0, 0, 0};
+  int64_t channels = 0, pooled_h = 0, pooled_w = 0, conv_h = 0, conv_w = 0;
+  void* out = nullptr;
+  DType dtype = DType::kFloat32;
+};
+
 // Rows [row_begin, row_end) of an [rows][ldc] block, the consecutive pixels
 // first_pixel + r of an [N, columns, plane] (NCHW) tensor, written channel by channel.
 struct StoreNchwArgs {
@@ -193,6 +210,9 @@ struct CpuKernels {
   void (*store_nchw)(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end);
   void (*depthwise)(const DepthwiseArgs& args, int64_t row_begin, int64_t row_end);
   void (*depthwise_weight_grad)(const DepthwiseWeightGradArgs& args);
+  // Tasks [task_begin, task_end): task n * max(PH, 1) + ph writes the conv rows of
+  // window row ph of image n (the last one also the odd row).
+  void (*unpool_relu)(const UnpoolArgs& args, int64_t task_begin, int64_t task_end);
 };
 
 #if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
