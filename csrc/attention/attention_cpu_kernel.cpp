@@ -338,8 +338,15 @@ template <class T>
 void exp_columns(T* s, int64_t ld, int64_t rows, int64_t nq, const T* shift, T* sum) {
   constexpr int L = Vector<T>::kLanes;
   for (int64_t r0 = 0; r0 < nq; r0 += L) {
-    T shift_chunk[L], acc[L] = {};
-    std::memcpy(shift_chunk, shift + r0, sizeof(shift_chunk));
+    // Plain element loops (no memcpy): whole-vector accesses only, so the two arrays
+    // live in registers. An addressed, vector-aligned local array would sit on ASan's
+    // fake stack, which GCC 12 aligns to less than the 64 bytes its vmovdqa64 needs.
+    T shift_chunk[L], acc[L];
+#pragma omp simd
+    for (int r = 0; r < L; ++r) {
+      shift_chunk[r] = shift[r0 + r];
+      acc[r] = T(0);
+    }
     for (int64_t k = 0; k < rows; ++k) {
       T* row = s + k * ld + r0;
 #pragma omp simd
@@ -349,7 +356,8 @@ void exp_columns(T* s, int64_t ld, int64_t rows, int64_t nq, const T* shift, T* 
         acc[r] += p;
       }
     }
-    std::memcpy(sum + r0, acc, sizeof(acc));
+#pragma omp simd
+    for (int r = 0; r < L; ++r) sum[r0 + r] = acc[r];
   }
 }
 
