@@ -167,6 +167,26 @@ void copy_rows_transposed(const S* src, int64_t stride, int64_t rows, int64_t co
   }
 }
 
+// `rows` x `cols` input rows (row stride `stride`) as a GEMM operand: read in place when
+// the input already has the compute type and `in_place` says the GEMM can take them as
+// they are (every row it reads exists; a B operand is read exactly its real width), else
+// copied into the zero-padded `tile` (row stride `tile_ld`). Tiles of K and V were
+// copied again for every block of queries, ~1/8 of the float32 forward at L = 2048.
+template <class T> struct Operand {
+  const T* rows;
+  int64_t ld;
+};
+
+template <class S, class T>
+Operand<T> operand_rows(const S* src, int64_t stride, int64_t rows, int64_t cols, bool in_place, T* tile,
+                        int64_t tile_ld) {
+  if constexpr (std::is_same_v<S, T>) {
+    if (in_place) return {src, stride};
+  }
+  copy_rows(src, stride, rows, cols, tile, tile_ld);
+  return {tile, tile_ld};
+}
+
 template <class T> void zero_rows(T* dst, int64_t ld, int64_t row_begin, int64_t row_end) {
   if (row_end > row_begin) std::memset(dst + row_begin * ld, 0, sizeof(T) * (row_end - row_begin) * ld);
 }
@@ -374,7 +394,6 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const HeadDims<T> dims(in);
   const int64_t E = dims.E, Ev = dims.Ev, Ep = dims.Ep, Evp = dims.Evp;
   const T scale = dims.scale;
-  constexpr bool kInputIsCompute = std::is_same_v<S, T>;
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) +
@@ -418,28 +437,11 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kv_end - j0);
       const int64_t Mk = round_up(nk, kRowsPerPanel);
-      // K and V tiles: read in place when the input already has the compute type and the
-      // GEMM can take its rows as they are (K: the Mk rows exist; V: its width is a whole
-      // number of panels), else copied and padded. The copies were ~1/8 of the float32
-      // forward at L = 2048 (K and V are copied again for every block of queries).
-      const T* k_rows = k_tile;
-      int64_t k_ld = Ep;
-      if (kInputIsCompute && j0 + Mk <= sh.kv_len) {
-        k_rows = reinterpret_cast<const T*>(k_head + j0 * in.k.row);
-        k_ld = in.k.row;
-      } else {
-        copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
-      }
-      const T* v_rows = v_tile;
-      int64_t v_ld = Evp;
-      if (kInputIsCompute && Ev == Evp) {
-        v_rows = reinterpret_cast<const T*>(v_head + j0 * in.v.row);
-        v_ld = in.v.row;
-      } else {
-        copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
-      }
+      // K is read Mk rows deep (A of S^T), V exactly Evp wide (B of P V).
+      const Operand<T> k_rows = operand_rows(k_head + j0 * in.k.row, in.k.row, nk, E, j0 + Mk <= sh.kv_len, k_tile, Ep);
+      const Operand<T> v_rows = operand_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, Ev == Evp, v_tile, Evp);
       // Rows nk..Mk of S^T come from stale or later K rows and are never read below.
-      gemm<T, false>(Mk, Nq, E, k_rows, k_ld, qt_tile, kBlockQ, st_tile, kBlockQ, false);
+      gemm<T, false>(Mk, Nq, E, k_rows.rows, k_rows.ld, qt_tile, kBlockQ, st_tile, kBlockQ, false);
 
       if (in.mask || in.causal) {
         for (int64_t c = 0; c < nk; ++c) {
@@ -476,7 +478,7 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
         }
       }
       // O += P V; P's columns nq..Mq (stale) only feed O rows that are never written out.
-      gemm<T, true>(Mq, Evp, nk, st_tile, kBlockQ, v_rows, v_ld, o_acc, Evp, true);
+      gemm<T, true>(Mq, Evp, nk, st_tile, kBlockQ, v_rows.rows, v_rows.ld, o_acc, Evp, true);
     }
 
     S* out = output + ((b * sh.heads + h) * sh.q_len + i0) * Ev;
@@ -603,7 +605,6 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const HeadDims<T> dims(in);
   const int64_t E = dims.E, Ev = dims.Ev, Ep = dims.Ep, Evp = dims.Evp, group = dims.group;
   const T scale = dims.scale;
-  constexpr bool kInputIsCompute = std::is_same_v<S, T>;
   const int64_t k_blocks = attention::ceil_div(sh.kv_len, kBlockK);
   T* dq_accumulator = static_cast<T*>(args.grad_query_accumulator);
   const bool fused = dq_accumulator != nullptr;
@@ -662,16 +663,12 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
           const int64_t nq = std::min(kBlockQ, sh.q_len - i0);
           const int64_t Mq = round_up(nq, kRowsPerPanel);
           copy_rows(query + b * in.q.batch + h * in.q.head + i0 * in.q.row, in.q.row, nq, E, q_tile, Ep, scale);
-          // dO read in place when its rows can serve both products (A of dP: the Mq rows
-          // exist; B of dV: width a whole number of panels), as K and V in the forward.
-          const S* do_src = grad_out + b * gs.batch + h * gs.head + i0 * gs.row;
-          const bool do_in_place = kInputIsCompute && Ev == Evp && i0 + Mq <= sh.q_len;
-          const T* do_rows = do_in_place ? reinterpret_cast<const T*>(do_src) : do_tile;
-          const int64_t do_ld = do_in_place ? gs.row : Evp;
-          if (!do_in_place) copy_rows(do_src, gs.row, nq, Ev, do_tile, Evp);
+          // dO serves as A of dP (Mq rows deep) and B of dV (Evp wide).
+          const Operand<T> do_rows = operand_rows(grad_out + b * gs.batch + h * gs.head + i0 * gs.row, gs.row, nq, Ev,
+                                                  Ev == Evp && i0 + Mq <= sh.q_len, do_tile, Evp);
           // Rows nq..Mq (stale or later Q, dO) give S, dP rows that only feed dQ padding rows.
           gemm<T, false>(Mq, Nk, E, q_tile, Ep, kt_tile, kBlockK, s_tile, kBlockK, false);     // S
-          gemm<T, false>(Mq, Nk, Ev, do_rows, do_ld, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
+          gemm<T, false>(Mq, Nk, Ev, do_rows.rows, do_rows.ld, vt_tile, kBlockK, dp_tile, kBlockK, false); // dP
           const T* lse_rows = lse + bh * sh.q_len + i0;
           const T* dot_rows = dot + bh * sh.q_len + i0;
           if (drop_tile) dropout_factors<T, false>(in.dropout, bh, i0, nq, j0, nk, drop_tile, kBlockK);
@@ -687,7 +684,7 @@ void key_value_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
             }
           }
           // P and dS columns nk..Mk (unprocessed) only feed dK/dV rows that are never written out.
-          gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_rows, do_ld, dv_acc, Evp, true);  // dV += P^T dO
+          gemm<T, true>(Mk, Evp, nq, s_tile, kBlockK, do_rows.rows, do_rows.ld, dv_acc, Evp, true);  // dV += P^T dO
           gemm<T, true>(Mk, Ep, nq, dp_tile, kBlockK, q_tile, Ep, dk_acc, Ep, true);     // dK += dS^T (scale Q)
           if (fused) {  // dQ += dS K; rows nq..Mq land in the accumulator's padding rows
             gemm<T, false>(Mq, Ep, nk, dp_tile, kBlockK, k_tile, Ep, dq_accumulator + (bh * q_rows_padded + i0) * ldq,
@@ -731,7 +728,6 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
   const HeadDims<T> dims(in);
   const int64_t E = dims.E, Ev = dims.Ev, Ep = dims.Ep, Evp = dims.Evp;
   const T scale = dims.scale;
-  constexpr bool kInputIsCompute = std::is_same_v<S, T>;
 
   using W = Workspace<T>;
   W ws(W::size_of(E * kBlockQ) + W::size_of(Ev * kBlockQ) + W::size_of(kBlockK * Ep) +
@@ -773,18 +769,14 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
     for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, kv_end - j0);
       const int64_t Mk = round_up(nk, kRowsPerPanel);
-      // K and V read in place where the GEMMs can take their rows, as in the forward.
-      // (K is also the dQ product's B, read Ep wide; V only the A of dP^T.)
-      const bool rows_exist = kInputIsCompute && j0 + Mk <= sh.kv_len;
-      const T* k_rows = rows_exist && E == Ep ? reinterpret_cast<const T*>(k_head + j0 * in.k.row) : k_tile;
-      const int64_t k_ld = k_rows == k_tile ? Ep : in.k.row;
-      if (k_rows == k_tile) copy_rows(k_head + j0 * in.k.row, in.k.row, nk, E, k_tile, Ep);
-      const T* v_rows = rows_exist ? reinterpret_cast<const T*>(v_head + j0 * in.v.row) : v_tile;
-      const int64_t v_ld = v_rows == v_tile ? Evp : in.v.row;
-      if (v_rows == v_tile) copy_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, v_tile, Evp);
+      // K serves as A of S^T (Mk rows deep) and B of dQ (Ep wide); V as A of dP^T.
+      const bool rows_exist = j0 + Mk <= sh.kv_len;
+      const Operand<T> k_rows =
+          operand_rows(k_head + j0 * in.k.row, in.k.row, nk, E, rows_exist && E == Ep, k_tile, Ep);
+      const Operand<T> v_rows = operand_rows(v_head + j0 * in.v.row, in.v.row, nk, Ev, rows_exist, v_tile, Evp);
       // Rows nk..Mk (stale or later K, V) give S^T, dP^T rows that no product below reads.
-      gemm<T, false>(Mk, Nq, E, k_rows, k_ld, qt_tile, kBlockQ, st_tile, kBlockQ, false);     // S^T
-      gemm<T, false>(Mk, Nq, Ev, v_rows, v_ld, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
+      gemm<T, false>(Mk, Nq, E, k_rows.rows, k_rows.ld, qt_tile, kBlockQ, st_tile, kBlockQ, false);     // S^T
+      gemm<T, false>(Mk, Nq, Ev, v_rows.rows, v_rows.ld, dot_tile, kBlockQ, dpt_tile, kBlockQ, false); // dP^T
       if (drop_tile) dropout_factors<T, true>(in.dropout, bh, i0, nq, j0, nk, drop_tile, kBlockQ);
       for (int64_t c = 0; c < nk; ++c) {
         T* s = st_tile + c * kBlockQ;
@@ -793,7 +785,7 @@ void query_typed(const BackwardArgs& args, int64_t begin, int64_t end) {
                                       drop_tile ? drop_tile + c * kBlockQ : nullptr);
       }
       // dS columns nq..Mq (unprocessed) only feed dQ rows that are never written out.
-      gemm<T, true>(Mq, Ep, nk, dpt_tile, kBlockQ, k_rows, k_ld, dq_acc, Ep, true);  // dQ += dS K
+      gemm<T, true>(Mq, Ep, nk, dpt_tile, kBlockQ, k_rows.rows, k_rows.ld, dq_acc, Ep, true);  // dQ += dS K
     }
 
     S* dq = grad_query + (bh * sh.q_len + i0) * E;
