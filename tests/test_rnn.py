@@ -134,16 +134,24 @@ def test_cell_ops_match_float64_oracle_and_are_no_worse_than_torch(cpu_isa, cell
 LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9), (6, 9, 5, 16), (4, 5, 6, 70)]
 
 
+def _contractive_layer_args(kind, shape):
+    """float64 layer-op arguments for `kind` ("lstm", "lstm_proj" or "rnn_tanh") of
+    LAYER_GEMM_SHAPES' `shape`, requiring grad, with w_hh scaled to a contractive
+    recurrence: rounding differences must not grow chaotically over 40 steps."""
+    steps, batch, input_size, hidden = shape
+    if kind == "lstm_proj":
+        args = _projected_lstm_args(steps=steps, batch=batch, input_size=input_size, hidden=hidden, proj=hidden // 2)
+    else:
+        args = _op_args(kind, True, requires_grad=True, steps=steps, batch=batch, input_size=input_size, hidden=hidden)
+    with torch.no_grad():
+        args[3 if kind == "rnn_tanh" else 4].mul_(2 / hidden**0.5)
+    return args
+
+
 @pytest.mark.parametrize("shape", LAYER_GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", ["lstm", "lstm_proj", "rnn_tanh"])
 def test_float32_layer_ops_match_float64_oracle_on_every_cpu_isa(cpu_isa, kind, shape):
-    steps, batch, input_size, hidden = shape
-    if kind == "lstm_proj":
-        args64 = _projected_lstm_args(steps=steps, batch=batch, input_size=input_size, hidden=hidden, proj=hidden // 2)
-    else:
-        args64 = _op_args(kind, True, requires_grad=True, steps=steps, batch=batch, input_size=input_size, hidden=hidden)
-    with torch.no_grad():  # a contractive recurrence: rounding differences must not grow chaotically over 40 steps
-        args64[3 if kind == "rnn_tanh" else 4].mul_(2 / hidden**0.5)
+    args64 = _contractive_layer_args(kind, shape)
     kind = "lstm" if kind == "lstm_proj" else kind
     args32 = [a.detach().float().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args64]
     results = []
@@ -165,13 +173,7 @@ def test_float32_layer_ops_match_float64_oracle_on_every_cpu_isa(cpu_isa, kind, 
 def test_float64_layer_ops_match_the_reference_on_every_cpu_isa(cpu_isa, kind, shape):
     # The float64 GEMM micro-kernel and float64 exp/tanh against the pure-PyTorch
     # reference (ATen's float64 GEMMs, torch's tanh/sigmoid), forward and every gradient.
-    steps, batch, input_size, hidden = shape
-    if kind == "lstm_proj":
-        args = _projected_lstm_args(steps=steps, batch=batch, input_size=input_size, hidden=hidden, proj=hidden // 2)
-    else:
-        args = _op_args(kind, True, requires_grad=True, steps=steps, batch=batch, input_size=input_size, hidden=hidden)
-    with torch.no_grad():  # contractive, as above
-        args[3 if kind == "rnn_tanh" else 4].mul_(2 / hidden**0.5)
+    args = _contractive_layer_args(kind, shape)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if kind == "rnn_tanh":
         ours, reference = _op(kind, True), rnn_layer_reference
