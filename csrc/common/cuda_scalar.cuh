@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/dtype.h"
+
 namespace fastlayers::cuda {
 
 template <class S> struct Compute { using type = float; };
@@ -21,6 +23,17 @@ template <> __device__ __forceinline__ double from_compute<double>(double v) { r
 template <> __device__ __forceinline__ __half from_compute<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_compute<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// Calls `fn(Storage{})` with the CUDA storage type of `dtype`.
+template <class Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); break;
+    case DType::kFloat64: fn(double{}); break;
+    case DType::kFloat16: fn(__half{}); break;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); break;
+  }
 }
 
 }  // namespace fastlayers::cuda

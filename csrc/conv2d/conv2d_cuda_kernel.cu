@@ -259,24 +259,16 @@ int launch_edge_typed(const EdgeGradInputCudaArgs& a, cudaStream_t stream) {
 
 int launch_offset_gemm_cuda(const CudaGemmArgs& args, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  switch (args.dtype) {
-    case DType::kFloat32: return launch_typed<float>(args, stream);
-    case DType::kFloat64: return launch_typed<double>(args, stream);
-    case DType::kFloat16: return launch_typed<__half>(args, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
-  }
-  return int(cudaErrorInvalidValue);
+  int status = int(cudaErrorInvalidValue);
+  cuda::dispatch_dtype(args.dtype, [&](auto storage) { status = launch_typed<decltype(storage)>(args, stream); });
+  return status;
 }
 
 int launch_edge_grad_input_cuda(const EdgeGradInputCudaArgs& args, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  switch (args.dtype) {
-    case DType::kFloat32: return launch_edge_typed<float>(args, stream);
-    case DType::kFloat64: return launch_edge_typed<double>(args, stream);
-    case DType::kFloat16: return launch_edge_typed<__half>(args, stream);
-    case DType::kBFloat16: return launch_edge_typed<__nv_bfloat16>(args, stream);
-  }
-  return int(cudaErrorInvalidValue);
+  int status = int(cudaErrorInvalidValue);
+  cuda::dispatch_dtype(args.dtype, [&](auto storage) { status = launch_edge_typed<decltype(storage)>(args, stream); });
+  return status;
 }
 
 }  // namespace fastlayers::conv2d

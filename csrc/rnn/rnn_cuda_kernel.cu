@@ -103,23 +103,13 @@ int blocks_for(int64_t n) {
   return static_cast<int>(blocks < 65535 * 8 ? blocks : 65535 * 8);
 }
 
-template <class Fn>
-void dispatch_dtype(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kFloat64: fn(double{}); break;
-    case DType::kFloat16: fn(__half{}); break;
-    case DType::kBFloat16: fn(__nv_bfloat16{}); break;
-  }
-}
-
 }  // namespace
 
 int launch_forward_cuda(const ForwardArgs& args, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t n = args.batch * args.hidden;
   if (n == 0) return cudaSuccess;
-  dispatch_dtype(args.dtype, [&](auto storage) {
+  cuda::dispatch_dtype(args.dtype, [&](auto storage) {
     using S = decltype(storage);
     switch (args.cell) {
       case Cell::kLstm: lstm_forward_kernel<S><<<blocks_for(n), kThreads, 0, stream>>>(args); break;
@@ -138,7 +128,7 @@ int launch_backward_cuda(const BackwardArgs& args, void* stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t n = args.batch * args.hidden;
   if (n == 0) return cudaSuccess;
-  dispatch_dtype(args.dtype, [&](auto storage) {
+  cuda::dispatch_dtype(args.dtype, [&](auto storage) {
     using S = decltype(storage);
     switch (args.cell) {
       case Cell::kLstm: lstm_backward_kernel<S><<<blocks_for(n), kThreads, 0, stream>>>(args); break;
