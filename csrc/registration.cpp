@@ -75,18 +75,21 @@ TORCH_LIBRARY(fastlayers, m) {
   // Whole layers, one direction, time-major input [T, B, I]: lstm_layer returns
   // (output [T, B, H], cells [T, B, H] = c after every step, gates [T, B, 4H]). With
   // w_hr [P, H] (projection, torch's proj_size): hx, output [.., P], w_hh [4H, P]; the
-  // backward then also returns grad_w_hr (else shape [0]).
+  // backward then also returns grad_w_hr (else shape [0]). With batch_sizes (a
+  // PackedSequence's, int64 on the CPU) input is the packed data [rows, I] and every
+  // [T, B, X] above is [rows, X]; reverse runs the steps last to first.
   m.def("lstm_layer(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh,"
-        " Tensor? w_hr=None) -> (Tensor, Tensor, Tensor)",
+        " Tensor? w_hr=None, Tensor? batch_sizes=None, bool reverse=False) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.def("lstm_layer_backward(Tensor grad_output, Tensor grad_cells, Tensor input, Tensor hx, Tensor cx,"
-        " Tensor w_ih, Tensor w_hh, Tensor output, Tensor cells, Tensor gates, bool has_bias, Tensor? w_hr=None)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        " Tensor w_ih, Tensor w_hh, Tensor output, Tensor cells, Tensor gates, bool has_bias, Tensor? w_hr=None,"
+        " Tensor? batch_sizes=None, bool reverse=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.def("rnn_layer(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh,"
-        " str nonlinearity) -> Tensor",
+        " str nonlinearity, Tensor? batch_sizes=None, bool reverse=False) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def("rnn_layer_backward(Tensor grad_output, Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output,"
-        " bool has_bias, str nonlinearity) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        " bool has_bias, str nonlinearity, Tensor? batch_sizes=None, bool reverse=False)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 }

@@ -549,6 +549,101 @@ def test_layer_ops_match_their_references():
         assert_close_to_oracle(output, ref_output, torch.float64)
 
 
+def _packed_layer_args(kind, lengths, reverse, hidden=4, dtype=torch.float64, requires_grad=False):
+    """Layer op arguments for packed data holding sequences of `lengths` (decreasing);
+    weights scaled by 1 / sqrt(hidden) keep the recurrence contractive."""
+    batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(lengths[0])])
+    args = _op_args(kind, True, dtype=dtype, requires_grad=False, batch=len(lengths), hidden=hidden)
+    args[0] = torch.randn(sum(lengths), args[0].shape[-1], dtype=dtype)
+    weights = 3 if kind == "lstm" else 2
+    args[weights : weights + 2] = [w / hidden**0.5 for w in args[weights : weights + 2]]
+    args = [a.requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    return args + ([None] if kind == "lstm" else []) + [batch_sizes, reverse]
+
+
+def _layer_reference(kind):
+    return lstm_layer_reference if kind == "lstm" else rnn_layer_reference
+
+
+# Sequence lengths of packed batches: uneven with ties, all equal, one sequence, and
+# (hidden 96) a batch the CPU loop splits between threads by summed length.
+PACKED_LENGTHS = [([5, 3, 3, 1], 4), ([4, 4, 4], 4), ([3], 4), ([23, 17, 9, 9, 4, 2, 1, 1], 96)]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths,hidden", PACKED_LENGTHS, ids=[f"{l}-H{h}" for l, h in PACKED_LENGTHS])
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh", "rnn_relu"])
+def test_packed_and_reverse_layer_ops_match_the_reference(kind, lengths, hidden, reverse):
+    args = _packed_layer_args(kind, lengths, reverse, hidden=hidden, requires_grad=True)
+    ours = _op(kind, True)(*args)
+    ours = ours[:2] if kind == "lstm" else (ours,)
+    expected = _layer_reference(kind)(*args)
+    expected = expected if kind == "lstm" else (expected,)
+    assert ours[0].shape == (sum(lengths), hidden)
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grad_outputs = [torch.randn_like(o) for o in ours]
+    grads = torch.autograd.grad(ours, leaves, grad_outputs)
+    expected_grads = torch.autograd.grad(expected, leaves, grad_outputs)
+    _assert_same((ours, grads), (expected, expected_grads), torch.float64)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+def test_packed_batch_of_equal_lengths_matches_the_time_major_layer_op(kind, reverse):
+    args = _packed_layer_args(kind, [6, 6, 6], reverse)
+    packed = _op(kind, True)(*args)
+    args_time_major = [args[0].view(6, 3, -1), *args[1:-2], None, reverse]
+    time_major = _op(kind, True)(*args_time_major)
+    packed, time_major = (packed[:2], time_major[:2]) if kind == "lstm" else ((packed,), (time_major,))
+    for p, t in zip(packed, time_major):
+        torch.testing.assert_close(p, t.reshape(p.shape), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+def test_packed_layer_ops_gradcheck_and_opcheck(kind, reverse):
+    args = _packed_layer_args(kind, [4, 2, 2, 1], reverse, requires_grad=True)
+    torch.autograd.gradcheck(_differentiable_outputs(kind, _op(kind, True)), tuple(args))
+    torch.library.opcheck(_op(kind, True), tuple(args))
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    out = _op(kind, True)(*args)
+    batch_sizes = args[-2]
+    if kind == "lstm":
+        x, h, c, w_ih, w_hh = args[:5]
+        output, cells, gates = out
+        backward_args = (torch.randn_like(output), torch.randn_like(cells), x, h, c, w_ih, w_hh, output, cells, gates,
+                         True, None, batch_sizes, reverse)
+        torch.library.opcheck(torch.ops.fastlayers.lstm_layer_backward.default, backward_args)
+    else:
+        x, h, w_ih, w_hh = args[:4]
+        backward_args = (torch.randn_like(out), x, h, w_ih, w_hh, out, True, "tanh", batch_sizes, reverse)
+        torch.library.opcheck(torch.ops.fastlayers.rnn_layer_backward.default, backward_args)
+
+
+def _packed_rnn_call(data, batch_sizes, batch=2):
+    weights = [torch.randn(5, data.shape[-1]), torch.randn(5, 5)]
+    return lambda: fastlayers.functional.rnn(data, torch.randn(1, batch, 5), weights, False, 1, 0.0, False, False,
+                                             False, batch_sizes=batch_sizes)
+
+
+@pytest.mark.parametrize("backend", ["kernels", "reference"])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (_packed_rnn_call(torch.randn(3, 4), torch.tensor([1, 2]), batch=1), "positive and non-increasing"),
+        (_packed_rnn_call(torch.randn(3, 4), torch.tensor([2, 0, 1])), "positive and non-increasing"),
+        (_packed_rnn_call(torch.randn(3, 4), torch.tensor([2, 2])), "batch_sizes sum to 4 but the packed input has 3"),
+        (_packed_rnn_call(torch.randn(3, 4), torch.tensor([2, 1], dtype=torch.int32)), "non-empty 1-D int64 CPU"),
+        (_packed_rnn_call(torch.randn(3, 4), torch.tensor([], dtype=torch.int64)), "non-empty 1-D int64 CPU"),
+        (_packed_rnn_call(torch.randn(2, 2, 4), torch.tensor([2, 2])), r"input must be 2-D packed data"),
+        (_packed_rnn_call(torch.randn(3, 4), torch.tensor([2, 1]), batch=3), "Input batch size"),
+    ],
+)
+def test_bad_packed_layer_arguments_raise_clear_errors_on_every_backend(backend, call, match):
+    with fastlayers.use_backend(backend), pytest.raises(RuntimeError, match=match):
+        call()
+
+
 class _Tagger(torch.nn.Module):
     def __init__(self):
         super().__init__()

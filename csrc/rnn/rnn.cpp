@@ -8,7 +8,9 @@
 // rnn_cpu_kernel.cpp (why: see there), other dtypes ATen's; CUDA uses cuBLAS via ATen.
 #include "rnn/rnn.h"
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -69,16 +71,16 @@ void check_like_input(const char* op, const char* name, const at::Tensor& t, con
 }
 
 // The checks of torch's RNN cells (same messages for the shape errors torch reports),
-// plus the weight and bias shapes. `input` is [batch, input_size] or, for the layers,
-// [seq_len, batch, input_size]; hidden0 / hidden1 are hx / cx as torch names them.
-// With a projection w_hr [P, H] (LSTM only), w_hh is [4H, P] and hx [B, P].
-void check_forward_args(const char* op, Cell cell, const at::Tensor& input, const at::Tensor& hx,
+// plus the weight and bias shapes. `input` is [batch, input_size], for the layers
+// [seq_len, batch, input_size] or packed [rows, input_size]; `batch` is its batch size;
+// hidden0 / hidden1 are hx / cx as torch names them. With a projection w_hr [P, H]
+// (LSTM only), w_hh is [4H, P] and hx [B, P].
+void check_forward_args(const char* op, Cell cell, const at::Tensor& input, int64_t batch, const at::Tensor& hx,
                         const at::Tensor* cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                         const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
                         const at::Tensor* w_hr = nullptr) {
   kernel_dtype(input, op, "input");
   const int64_t gates = gate_count(cell);
-  const int64_t batch = input.size(input.dim() - 2);
   const int64_t input_size = input.size(input.dim() - 1);
   int64_t hidden = 0, output_size = 0;
   if (w_hr != nullptr) {
@@ -119,11 +121,6 @@ void check_forward_args(const char* op, Cell cell, const at::Tensor& input, cons
   }
 }
 
-void check_layer_input(const char* op, const at::Tensor& input) {
-  TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D [seq_len, batch, input_size], got shape ", input.sizes());
-  TORCH_CHECK(input.size(0) >= 1, op, ": input must have at least one time step, got shape ", input.sizes());
-}
-
 void check_cell_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D [batch, input_size], got shape ", input.sizes());
 }
@@ -143,101 +140,217 @@ at::Tensor combined_bias(const std::optional<at::Tensor>& b_ih, const std::optio
   return at::Tensor();
 }
 
+// The time steps of one layer call and where their rows lie: step t holds batch rows
+// [0, sizes[t]) at rows offsets[t] + row of the dense [rows, width] buffers (input,
+// output, cells, gates and their gradients). Time-major input [T, B, I]: B rows every
+// step. Packed input (a PackedSequence's data and batch_sizes; its sequences sorted by
+// decreasing length, so step t holds the sequences longer than t, a prefix of the
+// batch): only the rows that exist, no padded work. `reverse` runs the steps from
+// T - 1 down to 0; a packed sequence then starts from its initial state at its own
+// last step, where it joins the batch.
+struct StepLayout {
+  int64_t steps = 0, batch = 0, rows = 0;
+  bool packed = false, reverse = false;
+  std::vector<int64_t> sizes, offsets;
+
+  // The step whose states step t continues, or -1: the initial states hx, cx.
+  int64_t previous(int64_t t) const {
+    const int64_t p = reverse ? t + 1 : t - 1;
+    return p >= 0 && p < steps ? p : -1;
+  }
+  // The i-th step the forward pass runs (forward_order) or the backward pass.
+  int64_t nth(int64_t i, bool forward_order) const { return forward_order != reverse ? i : steps - 1 - i; }
+  std::vector<int64_t> shape(int64_t width) const {
+    return packed ? std::vector<int64_t>{rows, width} : std::vector<int64_t>{steps, batch, width};
+  }
+  // Batch rows [row_begin, row_end) of step t as at most two runs, run(r0, r1,
+  // from_initial): the rows continuing step previous(t), then those that start from
+  // hx / cx there (all at the first step; reverse packed: the sequences ending at t).
+  template <typename Run>
+  void for_each_run(int64_t t, int64_t row_begin, int64_t row_end, const Run& run) const {
+    const int64_t active = std::min(row_end, sizes[t]);
+    const int64_t p = previous(t);
+    const int64_t carried = std::clamp(p < 0 ? int64_t{0} : sizes[p], row_begin, std::max(row_begin, active));
+    if (carried > row_begin) run(row_begin, carried, false);
+    if (active > carried) run(carried, active, true);
+  }
+};
+
+// Checks the layer input (time-major [T, B, I], or packed [rows, I] with batch_sizes)
+// and lays out its steps.
+StepLayout make_layout(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes,
+                       bool reverse) {
+  StepLayout layout;
+  layout.reverse = reverse;
+  if (batch_sizes.has_value()) {
+    const at::Tensor& sizes = *batch_sizes;
+    TORCH_CHECK(input.dim() == 2, op, ": with batch_sizes, input must be 2-D packed data [rows, input_size], got shape ",
+                input.sizes());
+    TORCH_CHECK(sizes.device().is_cpu() && sizes.scalar_type() == at::kLong && sizes.dim() == 1 && sizes.numel() >= 1,
+                op, ": batch_sizes must be a non-empty 1-D int64 CPU tensor (a PackedSequence's), got ",
+                sizes.scalar_type(), " of shape ", sizes.sizes(), " on ", sizes.device());
+    const at::Tensor values = sizes.contiguous();
+    const int64_t* data = values.const_data_ptr<int64_t>();
+    layout.packed = true;
+    layout.steps = values.numel();
+    layout.sizes.assign(data, data + layout.steps);
+  } else {
+    TORCH_CHECK(input.dim() == 3, op, ": input must be 3-D [seq_len, batch, input_size], got shape ", input.sizes());
+    TORCH_CHECK(input.size(0) >= 1, op, ": input must have at least one time step, got shape ", input.sizes());
+    layout.steps = input.size(0);
+    layout.sizes.assign(layout.steps, input.size(1));
+  }
+  layout.offsets.assign(layout.steps + 1, 0);
+  for (int64_t t = 0; t < layout.steps; ++t) {
+    const int64_t size = layout.sizes[t];
+    TORCH_CHECK(!layout.packed || (size >= 1 && (t == 0 || size <= layout.sizes[t - 1])), op,
+                ": batch_sizes must be positive and non-increasing (sequences sorted by decreasing length), got ",
+                *batch_sizes);
+    layout.offsets[t + 1] = layout.offsets[t] + size;
+  }
+  layout.batch = layout.sizes[0];
+  layout.rows = layout.offsets[layout.steps];
+  TORCH_CHECK(!layout.packed || layout.rows == input.size(0), op, ": batch_sizes sum to ", layout.rows,
+              " but the packed input has ", input.size(0), " rows");
+  return layout;
+}
+
+// The single-step cells: a layer of one time-major step.
+StepLayout cell_layout(const at::Tensor& input) { return make_layout("cell", input.unsqueeze(0), std::nullopt, false); }
+
 // Runs a step loop run_rows(row_begin, row_end) over the batch rows. On the CPU the
 // batch is split between the threads once for the whole sequence: every step of a
 // row only reads that row's state, and one parallel region per layer replaces the
 // two fork/joins per step (GEMM, pointwise) that cost more than the small per-step
 // work itself (LSTM train at B=100, H=50 did not scale from 1 to 2 threads). The GEMM
 // and pointwise launches inside then run inline on their thread (ATen does not nest
-// parallel regions). CUDA runs all rows in one go: its kernels are asynchronous.
+// parallel regions). The parts carry equal numbers of row steps: packed sequences
+// shorten down the batch. CUDA runs all rows in one go: its kernels are asynchronous.
 // row_cost: the per-step multiply-adds of one row (gate_width x recurrent depth).
 template <typename RunRows>
-void run_rows_split(const at::Tensor& x, int64_t batch, int64_t row_cost, const RunRows& run_rows) {
+void run_rows_split(const at::Tensor& x, const StepLayout& layout, int64_t row_cost, const RunRows& run_rows) {
+  const int64_t batch = layout.batch;
   if (batch == 0) return;
   if (!x.is_cpu()) return run_rows(0, batch);
   // At least ~32K multiply-adds per step and thread, below which the rows stay on one.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, row_cost));
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (batch + grain - 1) / grain));
+  // work[r]: the row steps of rows [0, r); row r runs the steps whose size exceeds r.
+  std::vector<int64_t> steps_of_size(batch + 1, 0), work(batch + 1, 0);
+  for (const int64_t size : layout.sizes) ++steps_of_size[size];
+  int64_t length = layout.steps;
+  for (int64_t row = 0; row < batch; ++row) {
+    length -= steps_of_size[row];
+    work[row + 1] = work[row] + length;
+  }
+  std::vector<int64_t> bounds(parts + 1, batch);
+  for (int64_t part = 0; part < parts; ++part) {
+    const auto share = [&](int64_t done) { return done * parts >= part * layout.rows; };
+    bounds[part] = std::find_if(work.begin(), work.end(), share) - work.begin();
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     // The worker threads do not inherit the caller's autograd state: the in-place ops
     // on views of the outputs run below autograd there as they do on the caller.
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::NoGradGuard no_grad;
-    run_rows(begin, end);
+    for (int64_t part = begin; part < end; ++part) run_rows(bounds[part], bounds[part + 1]);
   });
 }
 
+// Copies `rows` rows of `width` elements (row strides ld_dst, ld_src elements) on the
+// device and in the dtype of `like`.
+void copy_rows(void* dst, int64_t ld_dst, const void* src, int64_t ld_src, int64_t rows, int64_t width,
+               const at::Tensor& like) {
+  if (like.is_cpu()) {
+    const int64_t element = like.element_size();
+    for (int64_t row = 0; row < rows; ++row) {
+      std::memcpy(static_cast<char*>(dst) + row * ld_dst * element,
+                  static_cast<const char*>(src) + row * ld_src * element, width * element);
+    }
+    return;
+  }
+  at::from_blob(dst, {rows, width}, {ld_dst, 1}, like.options())
+      .copy_(at::from_blob(const_cast<void*>(src), {rows, width}, {ld_src, 1}, like.options()));
+}
+
+// Raw row addresses in the dense buffers: row `row` of step t of a [rows, width]
+// step buffer, or of a [batch, width] state (inputs are only read through them).
+struct RowAddress {
+  const StepLayout& layout;
+  int64_t element;
+  char* step(const at::Tensor& buffer, int64_t width, int64_t t, int64_t row) const {
+    return state(buffer, width, layout.offsets[t] + row);
+  }
+  char* state(const at::Tensor& buffer, int64_t width, int64_t row) const {
+    return static_cast<char*>(const_cast<void*>(buffer.const_data_ptr())) + row * width * element;
+  }
+};
+
 struct LayerForward {
-  at::Tensor output;  // [T, B, H]
-  at::Tensor cells;   // LSTM: [T, B, H]
-  at::Tensor gates;   // LSTM: [T, B, 4H] activated gates
+  at::Tensor output;  // layout.shape(H or P)
+  at::Tensor cells;   // LSTM: layout.shape(H)
+  at::Tensor gates;   // LSTM: layout.shape(4H), the activated gates
 };
 
 // Checked arguments in, the step loop: one GEMM projects the inputs of all timesteps
 // and adds the biases, then per step the recurrent GEMM accumulates into that step's
-// slice and the fused pointwise kernel finishes it.
+// rows and the fused pointwise kernel finishes them.
 // With a projection (w_hr defined), the kernel's h goes to a [B, H] buffer and the step's
 // output is h W_hr^T [B, P].
-LayerForward layer_forward(const Launchers& launch, Cell cell, const at::Tensor& input, const at::Tensor& hx,
-                           const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                           const at::Tensor& w_hr = at::Tensor()) {
-  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
+LayerForward layer_forward(const Launchers& launch, Cell cell, const StepLayout& layout, const at::Tensor& input,
+                           const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                           const std::optional<at::Tensor>& b_hh, const at::Tensor& w_hr = at::Tensor()) {
+  const int64_t input_size = input.size(input.dim() - 1);
   const int64_t gate_width = w_hh.size(0), hidden = gate_width / gate_count(cell);
   const int64_t output_size = w_hr.defined() ? w_hr.size(0) : hidden;
   const at::Tensor x = input.contiguous();
   const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh.t());
-  const at::Tensor x2d = x.view({steps * batch, input_size});
+  const at::Tensor x2d = x.view({layout.rows, input_size});
   const at::Tensor bias = combined_bias(b_ih, b_hh);
-  at::Tensor gates = at::empty({steps * batch, gate_width}, x.options());
+  at::Tensor gates = at::empty({layout.rows, gate_width}, x.options());
   if (bias.defined()) {
     launch.matmul_bias_out(gates, x2d, w_ih.t(), bias);
   } else {
     launch.matmul_out(gates, x2d, w_ih.t(), /*accumulate=*/false);
   }
-  gates = gates.view({steps, batch, gate_width});
-  at::Tensor output = at::empty({steps, batch, output_size}, x.options());
-  at::Tensor cells = is_lstm(cell) ? at::empty({steps, batch, hidden}, x.options()) : at::Tensor();
+  at::Tensor output = at::empty(layout.shape(output_size), x.options());
+  at::Tensor cells = is_lstm(cell) ? at::empty(layout.shape(hidden), x.options()) : at::Tensor();
   const std::unique_ptr<StepMatmul> projection = w_hr.defined() ? launch.make_step_matmul(w_hr.t()) : nullptr;
-  at::Tensor h_full = w_hr.defined() ? at::empty({batch, hidden}, x.options()) : at::Tensor();
+  at::Tensor h_full = w_hr.defined() ? at::empty({layout.batch, hidden}, x.options()) : at::Tensor();
 
   const DType dtype = kernel_dtype(x, "rnn", "input");
   const at::Tensor h0 = hx.contiguous();
   const at::Tensor c0 = is_lstm(cell) ? cx.contiguous() : at::Tensor();
-  // Row `row` of step t of a dense [T, B, width] buffer, or of a [B, width] state with
-  // t = 0 (inputs are only read through it).
-  const int64_t element = x.element_size();
-  auto row_of = [&](const at::Tensor& buffer, int64_t width, int64_t t, int64_t row) {
-    return static_cast<char*>(const_cast<void*>(buffer.const_data_ptr())) + ((t * batch + row) * width) * element;
-  };
+  const RowAddress at_row{layout, x.element_size()};
   // The whole time loop for batch rows [row_begin, row_end): every step of a row only
   // reads that row's state, so the rows can run the sequence independently.
   auto run_rows = [&](int64_t row_begin, int64_t row_end) {
-    const int64_t rows = row_end - row_begin;
     ForwardArgs args;
     args.cell = cell;
     args.dtype = dtype;
-    args.batch = rows;
     args.hidden = hidden;
-    const void* h_prev = row_of(h0, output_size, 0, row_begin);
-    const void* c_prev = is_lstm(cell) ? row_of(c0, hidden, 0, row_begin) : nullptr;
-    void* h_rows = projection ? row_of(h_full, hidden, 0, row_begin) : nullptr;
-    for (int64_t t = 0; t < steps; ++t) {
-      void* z = row_of(gates, gate_width, t, row_begin);
-      void* out_t = row_of(output, output_size, t, row_begin);
-      recurrent->run(h_prev, output_size, rows, z, gate_width, /*accumulate=*/true);
-      args.gates = z;
-      args.hy = projection ? h_rows : out_t;
-      void* c_t = is_lstm(cell) ? row_of(cells, hidden, t, row_begin) : nullptr;
-      args.cx = c_prev;
-      args.cy = c_t;
-      launch.forward(args);
-      if (projection) projection->run(h_rows, hidden, rows, out_t, output_size, /*accumulate=*/false);
-      h_prev = out_t;
-      c_prev = c_t;
+    for (int64_t i = 0; i < layout.steps; ++i) {
+      const int64_t t = layout.nth(i, /*forward_order=*/true), p = layout.previous(t);
+      layout.for_each_run(t, row_begin, row_end, [&](int64_t r0, int64_t r1, bool from_initial) {
+        const void* h_prev = from_initial ? at_row.state(h0, output_size, r0) : at_row.step(output, output_size, p, r0);
+        void* z = at_row.step(gates, gate_width, t, r0);
+        void* out_t = at_row.step(output, output_size, t, r0);
+        recurrent->run(h_prev, output_size, r1 - r0, z, gate_width, /*accumulate=*/true);
+        args.batch = r1 - r0;
+        args.gates = z;
+        args.hy = projection ? at_row.state(h_full, hidden, r0) : out_t;
+        if (is_lstm(cell)) {
+          args.cx = from_initial ? at_row.state(c0, hidden, r0) : at_row.step(cells, hidden, p, r0);
+          args.cy = at_row.step(cells, hidden, t, r0);
+        }
+        launch.forward(args);
+        if (projection) projection->run(args.hy, hidden, r1 - r0, out_t, output_size, /*accumulate=*/false);
+      });
     }
   };
-  run_rows_split(x, batch, gate_width * output_size, run_rows);
-  return {output, cells, is_lstm(cell) ? gates : at::Tensor()};
+  run_rows_split(x, layout, gate_width * output_size, run_rows);
+  return {output, cells, is_lstm(cell) ? gates.view(layout.shape(gate_width)) : at::Tensor()};
 }
 
 struct LayerBackward {
@@ -247,16 +360,16 @@ struct LayerBackward {
 // The reverse step loop: per step the fused pointwise backward turns the gradients at
 // h' (and c') into d loss / d z, and one GEMM carries d z back to h; the input and
 // weight gradients are three large GEMMs over all timesteps after the loop.
-// `output` is only read for t < T - 1 (LSTM) or for the activation (RNN).
+// `output` is only read for the states steps continue (LSTM) and the activation (RNN).
 // With a projection, the gradient at each step's output (P wide) is kept for the
 // weight gradient of w_hr and carried through W_hr to the kernel's h; the
 // unprojected h = o tanh(c') is recomputed from the saved gates and cells.
-LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tensor& grad_output,
-                             const at::Tensor& grad_cells, const at::Tensor& input, const at::Tensor& hx,
-                             const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                             const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates,
-                             bool has_bias, const at::Tensor& w_hr = at::Tensor()) {
-  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
+LayerBackward layer_backward(const Launchers& launch, Cell cell, const StepLayout& layout,
+                             const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
+                             const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
+                             const at::Tensor& gates, bool has_bias, const at::Tensor& w_hr = at::Tensor()) {
+  const int64_t rows = layout.rows, batch = layout.batch, input_size = input.size(input.dim() - 1);
   const int64_t gate_width = w_hh.size(0), hidden = gate_width / gate_count(cell);
   const int64_t output_size = w_hr.defined() ? w_hr.size(0) : hidden;
   const at::Tensor x = input.contiguous();
@@ -268,125 +381,136 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const at::Tenso
   const at::Tensor cell_states = is_lstm(cell) ? cells.contiguous() : at::Tensor();
   const at::Tensor gate_values = is_lstm(cell) ? gates.contiguous() : at::Tensor();
 
-  at::Tensor grad_gates = at::empty({steps, batch, gate_width}, x.options());
-  // d loss / d output and d c carried from step t to t - 1; zero beyond the last step.
+  at::Tensor grad_gates = at::empty({rows, gate_width}, x.options());
+  // d loss / d (output, c) of each batch row carried to the step its state continues;
+  // zero before a row's last step.
   at::Tensor grad_h = at::zeros({batch, output_size}, x.options());
   at::Tensor grad_c = is_lstm(cell) ? at::zeros({batch, hidden}, x.options()) : at::Tensor();
   // Projection: d loss / d output of every step, and the kernel's h gradient of one step.
-  at::Tensor grad_projected = w_hr.defined() ? at::empty({steps, batch, output_size}, x.options()) : at::Tensor();
+  at::Tensor grad_projected = w_hr.defined() ? at::empty({rows, output_size}, x.options()) : at::Tensor();
   at::Tensor grad_h_full = w_hr.defined() ? at::empty({batch, hidden}, x.options()) : at::Tensor();
   const at::Tensor no_grad_h = w_hr.defined() ? at::zeros({batch, hidden}, x.options()) : at::Tensor();
   const std::unique_ptr<StepMatmul> projection = w_hr.defined() ? launch.make_step_matmul(w_hr) : nullptr;
+  const at::Tensor dy2d = dy.view({rows, output_size});
+
+  // The weight and bias gradients come from one GEMM that reads dz once:
+  // [grad_w_ih | grad_w_hh | grad_bias] = dz^T [x_t | h_prev | 1], [G*H, rows] x
+  // [rows, I + P (+ 1)]: dz^T is read in place (column-major), the right factor holds
+  // each row's input and the state its step started from (a column of ones sums dz).
+  const int64_t bias_column = input_size + output_size;
+  at::Tensor layer_inputs = at::empty({rows, bias_column + (has_bias ? 1 : 0)}, x.options());
+  layer_inputs.narrow(1, 0, input_size).copy_(x.view({rows, input_size}));
+  at::Tensor h_prev = layer_inputs.narrow(1, input_size, output_size);
+  if (!layout.packed) {
+    // Time-major: the outputs shifted by one step (forward: h0 first; reverse: last).
+    const int64_t later = rows - batch;
+    h_prev.narrow(0, layout.reverse ? later : 0, batch).copy_(h0);
+    if (later > 0) {
+      h_prev.narrow(0, layout.reverse ? 0 : batch, later)
+          .copy_(out.view({rows, output_size}).narrow(0, layout.reverse ? batch : 0, later));
+    }
+  }  // packed: copied run by run in the loop below
+  if (has_bias) layer_inputs.select(1, bias_column).fill_(1);
 
   const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh);
   const DType dtype = kernel_dtype(x, "rnn_backward", "input");
-  // Row `row` of step t of a dense [T, B, width] buffer, as in the forward.
-  const int64_t element = x.element_size();
-  auto row_of = [&](const at::Tensor& buffer, int64_t width, int64_t t, int64_t row) {
-    return static_cast<char*>(const_cast<void*>(buffer.const_data_ptr())) + ((t * batch + row) * width) * element;
-  };
+  const RowAddress at_row{layout, x.element_size()};
   // As in the forward: each batch row's reverse loop only touches that row.
   auto run_rows = [&](int64_t row_begin, int64_t row_end) {
-    const int64_t rows = row_end - row_begin;
     BackwardArgs args;
     args.cell = cell;
     args.dtype = dtype;
-    args.batch = rows;
     args.hidden = hidden;
-    void* grad_h_rows = row_of(grad_h, output_size, 0, row_begin);
-    void* grad_c_rows = is_lstm(cell) ? row_of(grad_c, hidden, 0, row_begin) : nullptr;
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      if (projection) {
-        // The gradient at the step's projected output, kept for grad_w_hr, carried
-        // through W_hr to the kernel's h (a tensor op: this path is for any device).
-        auto r = [&](const at::Tensor& tensor) { return tensor.narrow(0, row_begin, rows); };
-        at::Tensor grad_step = r(grad_projected.select(0, t));
-        at::add_out(grad_step, r(dy.select(0, t)), r(grad_h));
-        void* grad_h_full_rows = row_of(grad_h_full, hidden, 0, row_begin);
-        projection->run(grad_step.const_data_ptr(), output_size, rows, grad_h_full_rows, hidden,
-                        /*accumulate=*/false);
-        args.grad_hy = grad_h_full_rows;
-        args.grad_hy_recurrent = row_of(no_grad_h, hidden, 0, row_begin);
-      } else {
-        args.grad_hy = row_of(dy, output_size, t, row_begin);
-        args.grad_hy_recurrent = grad_h_rows;
-      }
-      if (is_lstm(cell)) {
-        args.grad_cy = row_of(dc_out, hidden, t, row_begin);
-        args.grad_cy_recurrent = grad_c_rows;
-        args.grad_cx = grad_c_rows;
-        args.gates = row_of(gate_values, gate_width, t, row_begin);
-        args.cx = t > 0 ? row_of(cell_states, hidden, t - 1, row_begin) : row_of(c0, hidden, 0, row_begin);
-        args.cy = row_of(cell_states, hidden, t, row_begin);
-      } else {
-        args.hy = row_of(out, output_size, t, row_begin);
-      }
-      void* grad_gates_t = row_of(grad_gates, gate_width, t, row_begin);
-      args.grad_gates = grad_gates_t;
-      launch.backward(args);
-      recurrent->run(grad_gates_t, gate_width, rows, grad_h_rows, output_size, /*accumulate=*/false);
+    for (int64_t i = 0; i < layout.steps; ++i) {
+      const int64_t t = layout.nth(i, /*forward_order=*/false), p = layout.previous(t);
+      layout.for_each_run(t, row_begin, row_end, [&](int64_t r0, int64_t r1, bool from_initial) {
+        const int64_t n = r1 - r0;
+        void* grad_h_rows = at_row.state(grad_h, output_size, r0);
+        if (projection) {
+          // The gradient at the step's projected output, kept for grad_w_hr, carried
+          // through W_hr to the kernel's h (a tensor op: this path is for any device).
+          at::Tensor grad_step = grad_projected.narrow(0, layout.offsets[t] + r0, n);
+          at::add_out(grad_step, dy2d.narrow(0, layout.offsets[t] + r0, n), grad_h.narrow(0, r0, n));
+          void* grad_h_full_rows = at_row.state(grad_h_full, hidden, r0);
+          projection->run(grad_step.const_data_ptr(), output_size, n, grad_h_full_rows, hidden,
+                          /*accumulate=*/false);
+          args.grad_hy = grad_h_full_rows;
+          args.grad_hy_recurrent = at_row.state(no_grad_h, hidden, r0);
+        } else {
+          args.grad_hy = at_row.step(dy, output_size, t, r0);
+          args.grad_hy_recurrent = grad_h_rows;
+        }
+        if (is_lstm(cell)) {
+          void* grad_c_rows = at_row.state(grad_c, hidden, r0);
+          args.grad_cy = at_row.step(dc_out, hidden, t, r0);
+          args.grad_cy_recurrent = grad_c_rows;
+          args.grad_cx = grad_c_rows;
+          args.gates = at_row.step(gate_values, gate_width, t, r0);
+          args.cx = from_initial ? at_row.state(c0, hidden, r0) : at_row.step(cell_states, hidden, p, r0);
+          args.cy = at_row.step(cell_states, hidden, t, r0);
+        } else {
+          args.hy = at_row.step(out, output_size, t, r0);
+        }
+        void* grad_gates_t = at_row.step(grad_gates, gate_width, t, r0);
+        args.batch = n;
+        args.grad_gates = grad_gates_t;
+        launch.backward(args);
+        recurrent->run(grad_gates_t, gate_width, n, grad_h_rows, output_size, /*accumulate=*/false);
+        if (layout.packed) {
+          const void* state = from_initial ? at_row.state(h0, output_size, r0) : at_row.step(out, output_size, p, r0);
+          copy_rows(at_row.state(layer_inputs, layer_inputs.size(1), layout.offsets[t] + r0) + input_size * x.element_size(),
+                    layer_inputs.size(1), state, output_size, n, output_size, x);
+        }
+      });
     }
   };
-  run_rows_split(x, batch, gate_width * output_size, run_rows);
+  run_rows_split(x, layout, gate_width * output_size, run_rows);
 
   LayerBackward result;
-  const at::Tensor dz = grad_gates.view({steps * batch, gate_width});
-  result.grad_input = at::empty({steps * batch, input_size}, x.options());
+  const at::Tensor dz = grad_gates;
+  result.grad_input = at::empty({rows, input_size}, x.options());
   launch.matmul_out(result.grad_input, dz, w_ih, false);
-  result.grad_input = result.grad_input.view({steps, batch, input_size});
+  result.grad_input = result.grad_input.view(layout.shape(input_size));
   result.grad_hx = grad_h;
   result.grad_cx = grad_c;
-  // The weight and bias gradients in one GEMM that reads dz once:
-  // [grad_w_ih | grad_w_hh | grad_bias] = dz^T [x_t | h_{t-1} | 1],
-  // [G*H, T*B] x [T*B, I + P (+ 1)]: dz^T is read in place (column-major), the right
-  // factor gathers the inputs and the states shifted by one step, row by row (a column
-  // of ones sums dz over time and batch).
-  const int64_t bias_column = input_size + output_size;
-  at::Tensor layer_inputs = at::empty({steps * batch, bias_column + (has_bias ? 1 : 0)}, x.options());
-  layer_inputs.narrow(1, 0, input_size).copy_(x.view({steps * batch, input_size}));
-  at::Tensor h_prev = layer_inputs.narrow(1, input_size, output_size);
-  h_prev.narrow(0, 0, batch).copy_(h0);
-  if (steps > 1) {
-    h_prev.narrow(0, batch, (steps - 1) * batch).copy_(out.slice(0, 0, steps - 1).view({(steps - 1) * batch, output_size}));
-  }
-  if (has_bias) layer_inputs.select(1, bias_column).fill_(1);
   at::Tensor weight_grads = at::empty({gate_width, layer_inputs.size(1)}, x.options());
   launch.matmul_out(weight_grads, dz.t(), layer_inputs, false);
   result.grad_w_ih = weight_grads.narrow(1, 0, input_size).contiguous();
   result.grad_w_hh = weight_grads.narrow(1, input_size, output_size).contiguous();
   result.grad_bias = has_bias ? weight_grads.select(1, bias_column).contiguous() : at::empty({0}, x.options());
   if (w_hr.defined()) {
-    const at::Tensor h_full = gate_values.narrow(2, 3 * hidden, hidden) * at::tanh(cell_states);
+    const at::Tensor h_full =
+        gate_values.narrow(gate_values.dim() - 1, 3 * hidden, hidden) * at::tanh(cell_states);
     result.grad_w_hr = at::empty({output_size, hidden}, x.options());
-    launch.matmul_out(result.grad_w_hr, grad_projected.view({steps * batch, output_size}).t(),
-                      h_full.view({steps * batch, hidden}), false);
+    launch.matmul_out(result.grad_w_hr, grad_projected.t(), h_full.reshape({rows, hidden}), false);
   } else {
     result.grad_w_hr = at::empty({0}, x.options());
   }
   return result;
 }
 
-void check_lstm_backward_args(const char* op, const at::Tensor& grad_output, const at::Tensor& grad_cells,
-                              const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
-                              const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor* output,
-                              const at::Tensor& cells, const at::Tensor& gates, const at::Tensor* w_hr = nullptr) {
-  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
-  const int64_t steps = input.size(0), batch = input.size(1), hidden = w_hh.size(0) / 4;
+void check_lstm_backward_args(const char* op, const StepLayout& layout, const at::Tensor& grad_output,
+                              const at::Tensor& grad_cells, const at::Tensor& input, const at::Tensor& hx,
+                              const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                              const at::Tensor* output, const at::Tensor& cells, const at::Tensor& gates,
+                              const at::Tensor* w_hr = nullptr) {
+  check_forward_args(op, Cell::kLstm, input, layout.batch, hx, &cx, w_ih, w_hh, std::nullopt, std::nullopt, w_hr);
+  const int64_t hidden = w_hh.size(0) / 4;
   const int64_t output_size = w_hr != nullptr ? w_hr->size(0) : hidden;
-  check_shape(op, "grad_output", grad_output, {steps, batch, output_size}, input);
-  check_shape(op, "grad_cells", grad_cells, {steps, batch, hidden}, input);
-  if (output != nullptr) check_shape(op, "output", *output, {steps, batch, output_size}, input);
-  check_shape(op, "cells", cells, {steps, batch, hidden}, input);
-  check_shape(op, "gates", gates, {steps, batch, 4 * hidden}, input);
+  check_shape(op, "grad_output", grad_output, layout.shape(output_size), input);
+  check_shape(op, "grad_cells", grad_cells, layout.shape(hidden), input);
+  if (output != nullptr) check_shape(op, "output", *output, layout.shape(output_size), input);
+  check_shape(op, "cells", cells, layout.shape(hidden), input);
+  check_shape(op, "gates", gates, layout.shape(4 * hidden), input);
 }
 
-void check_rnn_backward_args(const char* op, Cell cell, const at::Tensor& grad_output, const at::Tensor& input,
-                             const at::Tensor& hx, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                             const at::Tensor& output) {
-  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, std::nullopt, std::nullopt);
-  const int64_t steps = input.size(0), batch = input.size(1), hidden = w_hh.size(1);
-  check_shape(op, "grad_output", grad_output, {steps, batch, hidden}, input);
-  check_shape(op, "output", output, {steps, batch, hidden}, input);
+void check_rnn_backward_args(const char* op, Cell cell, const StepLayout& layout, const at::Tensor& grad_output,
+                             const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
+                             const at::Tensor& w_hh, const at::Tensor& output) {
+  check_forward_args(op, cell, input, layout.batch, hx, nullptr, w_ih, w_hh, std::nullopt, std::nullopt);
+  const int64_t hidden = w_hh.size(1);
+  check_shape(op, "grad_output", grad_output, layout.shape(hidden), input);
+  check_shape(op, "output", output, layout.shape(hidden), input);
 }
 
 }  // namespace
@@ -394,12 +518,14 @@ void check_rnn_backward_args(const char* op, Cell cell, const at::Tensor& grad_o
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_impl(
     const Launchers& launch, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr) {
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const char* op = "lstm_layer";
-  check_layer_input(op, input);
-  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, b_ih, b_hh, w_hr.has_value() ? &*w_hr : nullptr);
-  LayerForward f =
-      layer_forward(launch, Cell::kLstm, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr.value_or(at::Tensor()));
+  const StepLayout layout = make_layout(op, input, batch_sizes, reverse);
+  check_forward_args(op, Cell::kLstm, input, layout.batch, hx, &cx, w_ih, w_hh, b_ih, b_hh,
+                     w_hr.has_value() ? &*w_hr : nullptr);
+  LayerForward f = layer_forward(launch, Cell::kLstm, layout, input, hx, cx, w_ih, w_hh, b_ih, b_hh,
+                                 w_hr.value_or(at::Tensor()));
   return {f.output, f.cells, f.gates};
 }
 
@@ -407,36 +533,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_layer_backward_impl(const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells,
                          const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                          const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
-                         const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr) {
+                         const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr,
+                         const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const char* op = "lstm_layer_backward";
-  check_layer_input(op, input);
-  check_lstm_backward_args(op, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, &output, cells, gates,
+  const StepLayout layout = make_layout(op, input, batch_sizes, reverse);
+  check_lstm_backward_args(op, layout, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, &output, cells, gates,
                            w_hr.has_value() ? &*w_hr : nullptr);
-  LayerBackward b = layer_backward(launch, Cell::kLstm, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output,
-                                   cells, gates, has_bias, w_hr.value_or(at::Tensor()));
+  LayerBackward b = layer_backward(launch, Cell::kLstm, layout, grad_output, grad_cells, input, hx, cx, w_ih, w_hh,
+                                   output, cells, gates, has_bias, w_hr.value_or(at::Tensor()));
   return {b.grad_input, b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias, b.grad_w_hr};
 }
 
 at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,
                           const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                          const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity) {
+                          const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity,
+                          const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const char* op = "rnn_layer";
   const Cell cell = parse_nonlinearity(nonlinearity, op);
-  check_layer_input(op, input);
-  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, b_ih, b_hh);
-  return layer_forward(launch, cell, input, hx, at::Tensor(), w_ih, w_hh, b_ih, b_hh).output;
+  const StepLayout layout = make_layout(op, input, batch_sizes, reverse);
+  check_forward_args(op, cell, input, layout.batch, hx, nullptr, w_ih, w_hh, b_ih, b_hh);
+  return layer_forward(launch, cell, layout, input, hx, at::Tensor(), w_ih, w_hh, b_ih, b_hh).output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_impl(
     const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, bool has_bias,
-    std::string_view nonlinearity) {
+    std::string_view nonlinearity, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const char* op = "rnn_layer_backward";
   const Cell cell = parse_nonlinearity(nonlinearity, op);
-  check_layer_input(op, input);
-  check_rnn_backward_args(op, cell, grad_output, input, hx, w_ih, w_hh, output);
-  LayerBackward b = layer_backward(launch, cell, grad_output, at::Tensor(), input, hx, at::Tensor(), w_ih, w_hh,
-                                   output, at::Tensor(), at::Tensor(), has_bias);
+  const StepLayout layout = make_layout(op, input, batch_sizes, reverse);
+  check_rnn_backward_args(op, cell, layout, grad_output, input, hx, w_ih, w_hh, output);
+  LayerBackward b = layer_backward(launch, cell, layout, grad_output, at::Tensor(), input, hx, at::Tensor(), w_ih,
+                                   w_hh, output, at::Tensor(), at::Tensor(), has_bias);
   return {b.grad_input, b.grad_hx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
 }
 
@@ -446,8 +574,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_impl(
     const std::optional<at::Tensor>& b_hh) {
   const char* op = "lstm_cell";
   check_cell_input(op, input);
-  check_forward_args(op, Cell::kLstm, input, hx, &cx, w_ih, w_hh, b_ih, b_hh);
-  LayerForward f = layer_forward(launch, Cell::kLstm, input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh);
+  check_forward_args(op, Cell::kLstm, input, input.size(0), hx, &cx, w_ih, w_hh, b_ih, b_hh);
+  LayerForward f =
+      layer_forward(launch, Cell::kLstm, cell_layout(input), input.unsqueeze(0), hx, cx, w_ih, w_hh, b_ih, b_hh);
   return {f.output.squeeze(0), f.cells.squeeze(0), f.gates.squeeze(0)};
 }
 
@@ -458,10 +587,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "lstm_cell_backward";
   check_cell_input(op, input);
   const at::Tensor x = input.unsqueeze(0);
-  check_lstm_backward_args(op, grad_hy.unsqueeze(0), grad_cy.unsqueeze(0), x, hx, cx, w_ih, w_hh, nullptr,
+  const StepLayout layout = cell_layout(input);
+  check_lstm_backward_args(op, layout, grad_hy.unsqueeze(0), grad_cy.unsqueeze(0), x, hx, cx, w_ih, w_hh, nullptr,
                            cy.unsqueeze(0), gates.unsqueeze(0));
-  LayerBackward b = layer_backward(launch, Cell::kLstm, grad_hy.unsqueeze(0), grad_cy.unsqueeze(0), x, hx, cx, w_ih,
-                                   w_hh, at::Tensor(), cy.unsqueeze(0), gates.unsqueeze(0), has_bias);
+  LayerBackward b = layer_backward(launch, Cell::kLstm, layout, grad_hy.unsqueeze(0), grad_cy.unsqueeze(0), x, hx, cx,
+                                   w_ih, w_hh, at::Tensor(), cy.unsqueeze(0), gates.unsqueeze(0), has_bias);
   return {b.grad_input.squeeze(0), b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
 }
 
@@ -471,8 +601,9 @@ at::Tensor rnn_cell_impl(const Launchers& launch, const at::Tensor& input, const
   const char* op = "rnn_cell";
   const Cell cell = parse_nonlinearity(nonlinearity, op);
   check_cell_input(op, input);
-  check_forward_args(op, cell, input, hx, nullptr, w_ih, w_hh, b_ih, b_hh);
-  return layer_forward(launch, cell, input.unsqueeze(0), hx, at::Tensor(), w_ih, w_hh, b_ih, b_hh).output.squeeze(0);
+  check_forward_args(op, cell, input, input.size(0), hx, nullptr, w_ih, w_hh, b_ih, b_hh);
+  return layer_forward(launch, cell, cell_layout(input), input.unsqueeze(0), hx, at::Tensor(), w_ih, w_hh, b_ih, b_hh)
+      .output.squeeze(0);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_backward_impl(
@@ -483,9 +614,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_
   const Cell cell = parse_nonlinearity(nonlinearity, op);
   check_cell_input(op, input);
   const at::Tensor x = input.unsqueeze(0);
-  check_rnn_backward_args(op, cell, grad_hy.unsqueeze(0), x, hx, w_ih, w_hh, hy.unsqueeze(0));
-  LayerBackward b = layer_backward(launch, cell, grad_hy.unsqueeze(0), at::Tensor(), x, hx, at::Tensor(), w_ih, w_hh,
-                                   hy.unsqueeze(0), at::Tensor(), at::Tensor(), has_bias);
+  const StepLayout layout = cell_layout(input);
+  check_rnn_backward_args(op, cell, layout, grad_hy.unsqueeze(0), x, hx, w_ih, w_hh, hy.unsqueeze(0));
+  LayerBackward b = layer_backward(launch, cell, layout, grad_hy.unsqueeze(0), at::Tensor(), x, hx, at::Tensor(), w_ih,
+                                   w_hh, hy.unsqueeze(0), at::Tensor(), at::Tensor(), has_bias);
   return {b.grad_input.squeeze(0), b.grad_hx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
 }
 
@@ -727,29 +859,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_cpu(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr) {
-  return lstm_layer_impl(kCpuLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  return lstm_layer_impl(kCpuLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
                         const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                         const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias,
-                        const std::optional<at::Tensor>& w_hr) {
+                        const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
+                        bool reverse) {
   return lstm_layer_backward_impl(kCpuLaunchers, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells,
-                                  gates, has_bias, w_hr);
+                                  gates, has_bias, w_hr, batch_sizes, reverse);
 }
 
 at::Tensor rnn_layer_cpu(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
                          const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                         const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
-  return rnn_layer_impl(kCpuLaunchers, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+                         const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity,
+                         const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  return rnn_layer_impl(kCpuLaunchers, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& output, bool has_bias, c10::string_view nonlinearity) {
-  return rnn_layer_backward_impl(kCpuLaunchers, grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity);
+    const at::Tensor& w_hh, const at::Tensor& output, bool has_bias, c10::string_view nonlinearity,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+  return rnn_layer_backward_impl(kCpuLaunchers, grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity,
+                                 batch_sizes, reverse);
 }
 
 }  // namespace

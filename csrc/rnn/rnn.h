@@ -48,14 +48,18 @@ struct Launchers {
 
 Cell parse_nonlinearity(std::string_view nonlinearity, const char* op);
 
-// One layer, one direction, time-major input [T, B, I]; hx, cx [B, H].
-// LSTM: (output [T, B, H], cells [T, B, H] = c after each step, gates [T, B, 4H] =
-// the activated gates i, f, g, o of each step); the backward needs all three. With a
+// One layer, one direction, time-major input [T, B, I], or with batch_sizes (a
+// PackedSequence's: int64 on the CPU, non-increasing) its packed data [rows, I], each
+// step running only the sequences that reach it; hx, cx [B, H]. reverse: the steps run
+// from last to first (a packed sequence from its own last step). LSTM: (output [T, B,
+// H], cells [T, B, H] = c after each step, gates [T, B, 4H] = the activated gates i, f,
+// g, o of each step; packed: [rows, ..]); the backward needs all three. With a
 // projection w_hr [P, H] (torch's proj_size), hx and output are P wide, w_hh [4H, P].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_impl(
     const Launchers& launch, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr);
+    const std::optional<at::Tensor>& b_hh, const std::optional<at::Tensor>& w_hr,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse);
 
 // (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); grad_bias
 // is the gradient of b_ih and of b_hh alike, shape [0] when has_bias is false;
@@ -64,18 +68,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 lstm_layer_backward_impl(const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells,
                          const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                          const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
-                         const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr);
+                         const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr,
+                         const std::optional<at::Tensor>& batch_sizes, bool reverse);
 
-// Elman RNN layer: output [T, B, H].
+// Elman RNN layer: output [T, B, H] (packed: [rows, H]).
 at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,
                           const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                          const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity);
+                          const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity,
+                          const std::optional<at::Tensor>& batch_sizes, bool reverse);
 
 // (grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_impl(
     const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, bool has_bias,
-    std::string_view nonlinearity);
+    std::string_view nonlinearity, const std::optional<at::Tensor>& batch_sizes, bool reverse);
 
 // The single-step cells: the layer with T = 1, input [B, I].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_impl(

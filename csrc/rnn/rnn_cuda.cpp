@@ -61,33 +61,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_cell_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_cuda(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-    const std::optional<at::Tensor>& w_hr) {
+    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return lstm_layer_impl(kCudaLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
+  return lstm_layer_impl(kCudaLaunchers, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
                          const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                          const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias,
-                         const std::optional<at::Tensor>& w_hr) {
+                         const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
+                         bool reverse) {
   const c10::cuda::CUDAGuard guard(input.device());
   return lstm_layer_backward_impl(kCudaLaunchers, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells,
-                                  gates, has_bias, w_hr);
+                                  gates, has_bias, w_hr, batch_sizes, reverse);
 }
 
 at::Tensor rnn_layer_cuda(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
                           const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
-                          const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity) {
+                          const std::optional<at::Tensor>& b_hh, c10::string_view nonlinearity,
+                         const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return rnn_layer_impl(kCudaLaunchers, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+  return rnn_layer_impl(kCudaLaunchers, input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes, reverse);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& output, bool has_bias, c10::string_view nonlinearity) {
+    const at::Tensor& w_hh, const at::Tensor& output, bool has_bias, c10::string_view nonlinearity,
+    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return rnn_layer_backward_impl(kCudaLaunchers, grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity);
+  return rnn_layer_backward_impl(kCudaLaunchers, grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity,
+                                 batch_sizes, reverse);
 }
 
 }  // namespace

@@ -12,7 +12,7 @@ Dynamo refuses to trace ``isinstance(m, nn.LSTM)`` modules (it graph-breaks ther
 while these compile with ``fullgraph=True``.
 
 Every layer and direction runs the whole-layer op (projection included; packed input
-padded to its longest sequence, see ``fastlayers.ops.rnn``).
+as it is, each step running only the sequences that reach it, see ``fastlayers.ops.rnn``).
 """
 
 from __future__ import annotations

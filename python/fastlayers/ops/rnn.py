@@ -20,17 +20,17 @@ and the Elman RNN ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``, ``act`` = tanh or
   that ``fastlayers.nn.LSTM`` / ``RNN`` use.
 
 What runs where: every layer runs the layer op, the LSTM's projection (``proj_size``)
-included; ``PackedSequence`` input is padded to its longest sequence (each sequence
-reversed within its own length for the reverse direction; the padded steps cost time,
-the results are exact). Higher-order gradients (``create_graph=True``) are computed by
-differentiating the reference.
+included. ``PackedSequence`` data goes to the layer op as it is, with its
+``batch_sizes``: step t runs only the sequences that reach it (no padded work), and the
+reverse direction runs the steps from last to first, each sequence starting from its
+initial state at its own last step (no reversed copies). Higher-order gradients
+(``create_graph=True``) are computed by differentiating the reference.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastlayers import _extension, backend
 
@@ -48,10 +48,25 @@ def _check_like_input(op, name, t, input):
         raise TypeError(f"{op}: {name} dtype {t.dtype} does not match input dtype {input.dtype}")
 
 
-def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool, w_hr=None) -> None:
-    """Checks of a cell (input [B, I]) or layer (input [T, B, I]) op; `gates` = 4 (LSTM) or 1;
-    `w_hr` [P, H] the LSTM projection, with which w_hh is [4H, P] and hx [B, P]."""
-    if layer:
+def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool, w_hr=None, batch_sizes=None) -> None:
+    """Checks of a cell (input [B, I]) or layer (input [T, B, I], or packed [rows, I] with
+    `batch_sizes`) op; `gates` = 4 (LSTM) or 1; `w_hr` [P, H] the LSTM projection, with
+    which w_hh is [4H, P] and hx [B, P]. The values of `batch_sizes` are checked by
+    :func:`check_batch_sizes` (the fake kernels cannot read them)."""
+    batch = input.shape[-2] if input.dim() >= 2 else None
+    if batch_sizes is not None:
+        if input.dim() != 2:
+            raise RuntimeError(
+                f"{op}: with batch_sizes, input must be 2-D packed data [rows, input_size], got shape {list(input.shape)}"
+            )
+        if batch_sizes.device.type != "cpu" or batch_sizes.dtype != torch.int64 or batch_sizes.dim() != 1 \
+                or batch_sizes.numel() < 1:
+            raise RuntimeError(
+                f"{op}: batch_sizes must be a non-empty 1-D int64 CPU tensor (a PackedSequence's), got "
+                f"{batch_sizes.dtype} of shape {list(batch_sizes.shape)} on {batch_sizes.device}"
+            )
+        batch = hx.shape[0] if hx.dim() == 2 else batch
+    elif layer:
         if input.dim() != 3:
             raise RuntimeError(f"{op}: input must be 3-D [seq_len, batch, input_size], got shape {list(input.shape)}")
         if input.shape[0] < 1:
@@ -60,7 +75,7 @@ def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool,
         raise RuntimeError(f"{op}: input must be 2-D [batch, input_size], got shape {list(input.shape)}")
     if input.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{op}: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
-    batch, input_size = input.shape[-2], input.shape[-1]
+    input_size = input.shape[-1]
     if w_hr is not None:
         if w_hr.dim() != 2:
             raise RuntimeError(f"{op}: w_hr must be 2-D [proj_size, hidden_size], got {list(w_hr.shape)}")
@@ -104,6 +119,20 @@ def check_args(op, gates, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *, layer: bool,
         _check_like_input(op, name, bias, input)
 
 
+def check_batch_sizes(op, batch_sizes, input, hx) -> None:
+    """The values of a packed layer input's batch_sizes (the C++ entry checks them too)."""
+    sizes = batch_sizes.tolist()
+    if any(s < 1 for s in sizes) or any(b > a for a, b in zip(sizes, sizes[1:])):
+        raise RuntimeError(
+            f"{op}: batch_sizes must be positive and non-increasing (sequences sorted by decreasing length), "
+            f"got {batch_sizes}"
+        )
+    if sum(sizes) != input.shape[0]:
+        raise RuntimeError(f"{op}: batch_sizes sum to {sum(sizes)} but the packed input has {input.shape[0]} rows")
+    if sizes[0] != hx.shape[0]:
+        raise RuntimeError(f"Input batch size {sizes[0]} doesn't match hidden0 batch size {hx.shape[0]}")
+
+
 def _check_nonlinearity(op, nonlinearity):
     if nonlinearity not in NONLINEARITIES:
         raise ValueError(f"{op}: unknown nonlinearity '{nonlinearity}'; expected 'tanh' or 'relu'")
@@ -128,28 +157,51 @@ def rnn_cell_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity
     return torch.tanh(z) if nonlinearity == "tanh" else torch.relu(z)
 
 
-def lstm_layer_reference(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None):
-    """One LSTM layer over time-major input [T, B, I]: (output [T, B, H or P], cells [T, B, H]);
-    with the projection w_hr [P, H] each step's output is h W_hr^T."""
-    h, c = hx, cx
-    outputs, cells = [], []
-    for x in input.unbind(0):
-        h, c = lstm_cell_reference(x, (h, c), w_ih, w_hh, b_ih, b_hh)
-        if w_hr is not None:
-            h = F.linear(h, w_hr)
-        outputs.append(h)
-        cells.append(c)
-    return torch.stack(outputs), torch.stack(cells)
+def _steps(input, batch_sizes):
+    """The per-step inputs of a layer: input [T, B, I] unbound, or packed data split by batch_sizes."""
+    return list(input.unbind(0)) if batch_sizes is None else list(input.split(batch_sizes.tolist()))
 
 
-def rnn_layer_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh"):
-    """One Elman RNN layer over time-major input [T, B, I]: output [T, B, H]."""
-    h = hx
-    outputs = []
-    for x in input.unbind(0):
-        h = rnn_cell_reference(x, h, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-        outputs.append(h)
-    return torch.stack(outputs)
+def _run_steps(step, input, states, batch_sizes, reverse):
+    """The step loop of the layer references: `step(x, states)` -> (output, new states)
+    per step, in order or reversed. Step t runs the first x.shape[0] batch rows (packed:
+    the sequences that reach t); the other rows keep their states, so a forward
+    sequence ends with its state at its last step, and a reverse one starts from its
+    initial state there. Returns the per-step results stacked (time-major) or
+    concatenated (packed)."""
+    xs = _steps(input, batch_sizes)
+    results = [None] * len(xs)
+    for t in reversed(range(len(xs))) if reverse else range(len(xs)):
+        rows = xs[t].shape[0]
+        new_states = step(xs[t], [s[:rows] for s in states])
+        results[t] = new_states
+        states = [torch.cat((n, s[rows:])) if rows < s.shape[0] else n for n, s in zip(new_states, states)]
+    join = torch.stack if batch_sizes is None else torch.cat
+    return [join([r[k] for r in results]) for k in range(len(states))]
+
+
+def lstm_layer_reference(input, hx, cx, w_ih, w_hh, b_ih=None, b_hh=None, w_hr=None, batch_sizes=None, reverse=False):
+    """One LSTM layer over time-major input [T, B, I] (or packed data [rows, I] with
+    ``batch_sizes``; ``reverse``: steps last to first): (output [T, B, H or P], cells
+    [T, B, H]); with the projection w_hr [P, H] each step's output is h W_hr^T."""
+
+    def step(x, states):
+        h, c = lstm_cell_reference(x, tuple(states), w_ih, w_hh, b_ih, b_hh)
+        return [F.linear(h, w_hr) if w_hr is not None else h, c]
+
+    output, cells = _run_steps(step, input, [hx, cx], batch_sizes, reverse)
+    return output, cells
+
+
+def rnn_layer_reference(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", batch_sizes=None,
+                        reverse=False):
+    """One Elman RNN layer over time-major input [T, B, I] (or packed, see
+    :func:`lstm_layer_reference`): output [T, B, H]."""
+
+    def step(x, states):
+        return [rnn_cell_reference(x, states[0], w_ih, w_hh, b_ih, b_hh, nonlinearity)]
+
+    return _run_steps(step, input, [hx], batch_sizes, reverse)[0]
 
 
 # ---- torch.library registrations ------------------------------------------------------
@@ -213,20 +265,26 @@ if _extension.available():
         )
 
     @torch.library.register_fake("fastlayers::lstm_layer")
-    def _lstm_layer_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr=None):
-        check_args("lstm_layer", 4, input, hx, cx, w_ih, w_hh, b_ih, b_hh, layer=True, w_hr=w_hr)
-        steps, batch, hidden = input.shape[0], input.shape[1], w_hh.shape[0] // 4
+    def _lstm_layer_fake(input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr=None, batch_sizes=None, reverse=False):
+        check_args(
+            "lstm_layer", 4, input, hx, cx, w_ih, w_hh, b_ih, b_hh, layer=True, w_hr=w_hr, batch_sizes=batch_sizes
+        )
+        rows, hidden = input.shape[:-1], w_hh.shape[0] // 4
         return (
-            input.new_empty(steps, batch, hx.shape[1]),
-            input.new_empty(steps, batch, hidden),
-            input.new_empty(steps, batch, 4 * hidden),
+            input.new_empty(*rows, hx.shape[1]),
+            input.new_empty(*rows, hidden),
+            input.new_empty(*rows, 4 * hidden),
         )
 
     @torch.library.register_fake("fastlayers::lstm_layer_backward")
     def _lstm_layer_backward_fake(
-        grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, has_bias, w_hr=None
+        grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, has_bias, w_hr=None,
+        batch_sizes=None, reverse=False,
     ):
-        check_args("lstm_layer_backward", 4, input, hx, cx, w_ih, w_hh, None, None, layer=True, w_hr=w_hr)
+        check_args(
+            "lstm_layer_backward", 4, input, hx, cx, w_ih, w_hh, None, None, layer=True, w_hr=w_hr,
+            batch_sizes=batch_sizes,
+        )
         return (
             torch.empty_like(input, memory_format=torch.contiguous_format),
             hx.new_empty(hx.shape),
@@ -238,15 +296,19 @@ if _extension.available():
         )
 
     @torch.library.register_fake("fastlayers::rnn_layer")
-    def _rnn_layer_fake(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    def _rnn_layer_fake(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes=None, reverse=False):
         _check_nonlinearity("rnn_layer", nonlinearity)
-        check_args("rnn_layer", 1, input, hx, None, w_ih, w_hh, b_ih, b_hh, layer=True)
-        return input.new_empty(input.shape[0], input.shape[1], w_hh.shape[1])
+        check_args("rnn_layer", 1, input, hx, None, w_ih, w_hh, b_ih, b_hh, layer=True, batch_sizes=batch_sizes)
+        return input.new_empty(*input.shape[:-1], w_hh.shape[1])
 
     @torch.library.register_fake("fastlayers::rnn_layer_backward")
-    def _rnn_layer_backward_fake(grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity):
+    def _rnn_layer_backward_fake(
+        grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity, batch_sizes=None, reverse=False
+    ):
         _check_nonlinearity("rnn_layer_backward", nonlinearity)
-        check_args("rnn_layer_backward", 1, input, hx, None, w_ih, w_hh, None, None, layer=True)
+        check_args(
+            "rnn_layer_backward", 1, input, hx, None, w_ih, w_hh, None, None, layer=True, batch_sizes=batch_sizes
+        )
         return (
             torch.empty_like(input, memory_format=torch.contiguous_format),
             hx.new_empty(hx.shape),
@@ -262,7 +324,8 @@ if _extension.available():
     # LSTM (cell and layer): the activated gates are an implementation output, not differentiable.
     def _lstm_setup_context(ctx, inputs, output):
         input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs[:7]
-        w_hr = inputs[7] if len(inputs) > 7 else None  # the layer's projection
+        # The layer's projection, packed batch sizes and direction.
+        w_hr, ctx.batch_sizes, ctx.reverse = inputs[7:] if len(inputs) > 7 else (None, None, False)
         hy_or_output, cy_or_cells, gates = output
         ctx.mark_non_differentiable(gates)
         # Unused outputs' gradients arrive as None: without this autograd would fill a
@@ -289,11 +352,15 @@ if _extension.available():
         input, hx, cx, w_ih, w_hh, b_ih, b_hh, output, cells, gates, w_hr = ctx.saved_tensors
         grad_output, grad_cells = _zeros_if_none(grad_output, output), _zeros_if_none(grad_cells, cells)
         if torch.is_grad_enabled():
-            return _grads_through_reference(
-                lstm_layer_reference, (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr), (grad_output, grad_cells)
+            grads = _grads_through_reference(
+                lambda *args: lstm_layer_reference(*args, ctx.batch_sizes, ctx.reverse),
+                (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr),
+                (grad_output, grad_cells),
             )
+            return (*grads, None, None)
         grads = torch.ops.fastlayers.lstm_layer_backward.default(
-            grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, ctx.has_b_ih or ctx.has_b_hh, w_hr
+            grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, ctx.has_b_ih or ctx.has_b_hh,
+            w_hr, ctx.batch_sizes, ctx.reverse,
         )
         grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
         return (
@@ -304,11 +371,14 @@ if _extension.available():
             grad_w_hh,
             *_bias_grads(ctx, grad_bias),
             grad_w_hr if w_hr is not None else None,
+            None,
+            None,
         )
 
     def _rnn_setup_context(ctx, inputs, output):
-        input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity = inputs
+        input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity = inputs[:7]
         ctx.nonlinearity = nonlinearity
+        ctx.batch_sizes, ctx.reverse = inputs[7:] if len(inputs) > 7 else (None, False)  # the layer's
         ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
         ctx.save_for_backward(input, hx, w_ih, w_hh, b_ih, b_hh, output)
 
@@ -318,17 +388,19 @@ if _extension.available():
 
         def backward(ctx, grad_output):
             input, hx, w_ih, w_hh, b_ih, b_hh, output = ctx.saved_tensors
+            layout = (ctx.batch_sizes, ctx.reverse) if layer else ()
             if torch.is_grad_enabled():
                 grads = _grads_through_reference(
-                    lambda x, h, wi, wh, bi, bh: reference(x, h, wi, wh, bi, bh, ctx.nonlinearity),
+                    lambda x, h, wi, wh, bi, bh: reference(x, h, wi, wh, bi, bh, ctx.nonlinearity, *layout),
                     (input, hx, w_ih, w_hh, b_ih, b_hh),
                     (grad_output,),
                 )
-                return (*grads, None)
+                return (*grads, None, *(None for _ in layout))
             grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias = backward_op.default(
-                grad_output, input, hx, w_ih, w_hh, output, ctx.has_b_ih or ctx.has_b_hh, ctx.nonlinearity
+                grad_output, input, hx, w_ih, w_hh, output, ctx.has_b_ih or ctx.has_b_hh, ctx.nonlinearity, *layout
             )
-            return (grad_input, grad_hx, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias), None)
+            return (grad_input, grad_hx, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias), None,
+                    *(None for _ in layout))
 
         return backward
 
@@ -376,66 +448,58 @@ def rnn_relu_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
 # ---- functional API: layers -------------------------------------------------------------
 
 
-def _lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-    """One direction of one layer, time-major: (output [T, B, H or P], cells [T, B, H])."""
+def _lstm_layer(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=None, reverse=False):
+    """One direction of one layer, time-major or packed: (output [T, B, H or P], cells [T, B, H])."""
     if backend.use_kernels(input.device):
-        output, cells, _ = torch.ops.fastlayers.lstm_layer.default(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        output, cells, _ = torch.ops.fastlayers.lstm_layer.default(
+            input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse
+        )
         return output, cells
-    check_args("lstm_layer", 4, input, h0, c0, w_ih, w_hh, b_ih, b_hh, layer=True, w_hr=w_hr)
-    return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    check_args("lstm_layer", 4, input, h0, c0, w_ih, w_hh, b_ih, b_hh, layer=True, w_hr=w_hr, batch_sizes=batch_sizes)
+    if batch_sizes is not None:
+        check_batch_sizes("lstm_layer", batch_sizes, input, h0)
+    return lstm_layer_reference(input, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
 
 
-def _rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity):
-    """One direction of one layer, time-major: output [T, B, H]."""
+def _rnn_layer(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes=None, reverse=False):
+    """One direction of one layer, time-major or packed: output [T, B, H]."""
     if backend.use_kernels(input.device):
-        return torch.ops.fastlayers.rnn_layer.default(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
-    check_args("rnn_layer", 1, input, h0, None, w_ih, w_hh, b_ih, b_hh, layer=True)
-    return rnn_layer_reference(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity)
+        return torch.ops.fastlayers.rnn_layer.default(
+            input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes, reverse
+        )
+    check_args("rnn_layer", 1, input, h0, None, w_ih, w_hh, b_ih, b_hh, layer=True, batch_sizes=batch_sizes)
+    if batch_sizes is not None:
+        check_batch_sizes("rnn_layer", batch_sizes, input, h0)
+    return rnn_layer_reference(input, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes, reverse)
 
 
-def _layer(mode, x, h0, c0, weights, nonlinearity):
-    """(output, cells or None) of one layer op over time-major x."""
-    w_ih, w_hh, b_ih, b_hh, w_hr = weights
-    if mode == "lstm":
-        return _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    return _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity), None
-
-
-def _packed_through_layer(mode, data, batch_sizes, h0, c0, weights, reverse, nonlinearity):
-    """A packed sequence through the layer op: padded (sorted by length, as packed
-    batches are), each sequence reversed within its own length for the reverse
-    direction, so every sequence starts from its initial state at its first step.
-    Steps past a sequence's end compute values that are dropped when re-packing, and
-    its final state is taken at its last step; no gradient flows into the dropped
-    values, so forward and backward are exact (the padded steps cost time, not accuracy)."""
-    padded, lengths = pad_packed_sequence(PackedSequence(data, torch.tensor(batch_sizes, dtype=torch.int64)))
-    steps, batch = padded.shape[0], padded.shape[1]
-    step_index = torch.arange(steps).unsqueeze(1)
-    last = lengths.unsqueeze(0) - 1
-    order = None
-    if reverse:
-        # Step t of the reversed sequence b is its step L_b - 1 - t; padding stays in place.
-        order = torch.where(step_index <= last, last - step_index, step_index).to(data.device)
-        padded = padded.gather(0, order.unsqueeze(-1).expand(padded.shape))
-    output, cells = _layer(mode, padded, h0, c0, weights, nonlinearity)
-    final_step = (lengths - 1).to(data.device)
-    rows = torch.arange(batch, device=data.device)
-    h_n = output[final_step, rows]
-    c_n = cells[final_step, rows] if cells is not None else None
-    if reverse:
-        output = output.gather(0, order.unsqueeze(-1).expand(output.shape))
-    return pack_padded_sequence(output, lengths).data, h_n, c_n
+def _final_rows(batch_sizes, device):
+    """Rows of a packed forward direction's output that hold each sequence's final state."""
+    batch = int(batch_sizes[0])
+    rows = torch.arange(batch)
+    lengths = (batch_sizes.unsqueeze(1) > rows).sum(0)
+    starts = torch.cumsum(batch_sizes, 0) - batch_sizes
+    return (starts[lengths - 1] + rows).to(device)
 
 
 def _run_direction(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity):
     """One direction of one layer: (output, h_n, c_n); x is time-major [T, B, I] when
     batch_sizes is None, else packed data."""
-    if batch_sizes is not None:
-        return _packed_through_layer(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
-    xs = x.flip(0) if reverse else x
-    output, cells = _layer(mode, xs, h0, c0, weights, nonlinearity)
-    h_n, c_n = output[-1], (cells[-1] if cells is not None else None)
-    return (output.flip(0) if reverse else output), h_n, c_n
+    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+    if mode == "lstm":
+        output, cells = _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    else:
+        output, cells = _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_sizes, reverse), None
+
+    def final(states):
+        if states is None:
+            return None
+        if batch_sizes is None:
+            return states[0] if reverse else states[-1]
+        # Reverse: every sequence ends at step 0, the first rows; forward: at its own last step.
+        return states[: h0.shape[0]] if reverse else states.index_select(0, _final_rows(batch_sizes, states.device))
+
+    return output, final(output), final(cells)
 
 
 def _stack(mode, input, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional,
@@ -447,7 +511,8 @@ def _stack(mode, input, batch_sizes, h0, c0, params, has_biases, num_layers, dro
             f"{mode}: expected {num_layers * directions * per_direction} weight tensors "
             f"({num_layers} layers x {directions} directions x {per_direction}), got {len(params)}"
         )
-    sizes = None if batch_sizes is None else [int(s) for s in batch_sizes.tolist()]
+    if batch_sizes is not None and int(batch_sizes.sum()) < input.shape[0]:
+        input = input[: int(batch_sizes.sum())]  # as torch: packed rows past the batch sizes' sum are ignored
     layer_input = input
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -463,7 +528,8 @@ def _stack(mode, input, batch_sizes, h0, c0, params, has_biases, num_layers, dro
                 w[-1] if proj else None,
             )
             out, h, c = _run_direction(
-                mode, layer_input, sizes, h0[k], None if c0 is None else c0[k], weights, direction == 1, nonlinearity
+                mode, layer_input, batch_sizes, h0[k], None if c0 is None else c0[k], weights,
+                direction == 1, nonlinearity,
             )
             outputs.append(out)
             h_n.append(h)
