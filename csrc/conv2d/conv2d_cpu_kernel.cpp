@@ -314,10 +314,16 @@ template <class T>
 void transpose_block(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
   if constexpr (std::is_same_v<T, float>) {
     if (kHasTranspose16) {
-      for (int64_t i0 = 0; i0 < rows; i0 += 16) {
-        const int nr = static_cast<int>(std::min<int64_t>(16, rows - i0));
-        for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-          transpose16(src + i0 * lds + j0, lds, nr, static_cast<int>(std::min<int64_t>(16, cols - j0)),
+      // Destination rows outermost: 16 of them are written at a time, each continuing
+      // where the last block ended. Source rows outermost, an NHWC block stored into
+      // NCHW planes 4 KB apart kept one write stream open per channel (128 at C = 128):
+      // the transposes were 13% of the 3x3 forward's samples at B32 C64->128 32x32
+      // (13.1 ms), 8% this way (12.5 ms); the input's NCHW -> NHWC rows (64 channel
+      // rows, 32 wide) ran the same either way.
+      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+        const int nc = static_cast<int>(std::min<int64_t>(16, cols - j0));
+        for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+          transpose16(src + i0 * lds + j0, lds, static_cast<int>(std::min<int64_t>(16, rows - i0)), nc,
                       dst + j0 * ldd + i0, ldd);
         }
       }
