@@ -497,7 +497,7 @@ def _run_direction(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
         if batch_sizes is None:
             return states[0] if reverse else states[-1]
         # Reverse: every sequence ends at step 0, the first rows; forward: at its own last step.
-        return states[: h0.shape[0]] if reverse else states.index_select(0, _final_rows(batch_sizes, states.device))
+        return states[: h0.shape[0]] if reverse else states[_final_rows(batch_sizes, states.device)]
 
     return output, final(output), final(cells)
 
