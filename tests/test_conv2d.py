@@ -179,6 +179,97 @@ def test_conv_larger_than_one_task_and_one_depth_block_matches_torch():
         assert_close_to_oracle(a, b, torch.float64)
 
 
+# 3x3, stride 1, undilated, ungrouped, >= 16 channels in and out: the forward runs
+# Winograd F(2x2, 3x3) (winograd_applies in csrc/conv2d/conv2d.cpp). Output sizes that
+# cut tiles at the edge (odd, one row, one pixel), channel counts off the vector width,
+# paddings 0..2 and asymmetric.
+WINOGRAD_CASES = [
+    (1, 16, 16, 3, 3, 0),
+    (2, 16, 24, 5, 7, 1),
+    (1, 19, 33, 8, 9, 2),
+    (3, 64, 128, 16, 16, 1),
+    (1, 40, 17, 1, 6, 1),
+    (2, 32, 48, 13, 30, (1, 0)),
+]
+
+
+def _winograd_tensors(case, dtype, layout="contiguous", requires_grad=False):
+    n, cin, cout, h, w, padding = case
+    return _tensors((n, cin, cout, h, w, 3, 1, padding, 1, 1), dtype, layout, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", ["conv2d", "conv2d_relu"])
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[f"winograd{i}" for i in range(len(WINOGRAD_CASES))])
+def test_winograd_forward_and_grad_input_match_the_oracle_and_torch(case, name, layout, dtype):
+    # grad-input with padding <= 2 is the same kind of convolution (flipped, transposed
+    # weight, padding 2 - pad) and runs Winograd too.
+    x, weight, bias, kwargs = _winograd_tensors(case, dtype, layout, requires_grad=True)
+    ours, reference = OPS[name]
+    for b in (bias, None):
+        actual = ours(x, weight, b, **kwargs)
+        native = _native_forward(name, x, weight, b, kwargs)
+        assert actual.shape == native.shape
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        assert actual.is_contiguous(memory_format=fmt)
+        oracle_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, b)]
+        oracle = _oracle(reference, *oracle_inputs, kwargs)
+        _assert_matches(actual, native, oracle, dtype)
+        grad = torch.randn_like(native)
+        grads = torch.autograd.grad(actual, (x, weight), grad)
+        native_grads = torch.autograd.grad(native, (x, weight), grad)
+        oracle_grads = torch.autograd.grad(oracle, oracle_inputs[:2], grad.double())
+        for a, n, o in zip(grads, native_grads, oracle_grads):
+            _assert_matches(a, n, o, dtype)
+
+
+def test_winograd_forward_matches_the_oracle_on_every_cpu_isa(cpu_isa):
+    for dtype in (torch.float32, torch.float64):
+        for case in (WINOGRAD_CASES[2], WINOGRAD_CASES[5]):
+            x, weight, bias, kwargs = _winograd_tensors(case, dtype)
+            actual = conv2d_relu(x, weight, bias, **kwargs)
+            native = _native_forward("conv2d_relu", x, weight, bias, kwargs)
+            _assert_matches(actual, native, _oracle(conv2d_relu_reference, x, weight, bias, kwargs), dtype, cpu_isa)
+
+
+@pytest.mark.parametrize("where", ["input_inf", "input_nan", "weight_inf", "bias_nan"])
+def test_winograd_forward_keeps_torchs_infs_and_nans(where):
+    # The transforms mix a tile's 4x4 pixels: one inf would turn all four outputs of every
+    # tile it touches into NaN. A non-finite result sends the call to the direct pass,
+    # which gives torch's values: inf / NaN only where a direct sum meets one (float64:
+    # torch's float32 oneDNN forward skips the padding taps an infinite weight meets,
+    # see the README).
+    x, weight, bias = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 16, 8, 9), (24, 16, 3, 3), (24,)))
+    if where == "input_inf":
+        x[0, 3, 2, 5] = float("inf")
+    elif where == "input_nan":
+        x[1, 0, 7, 8] = float("nan")
+    elif where == "weight_inf":
+        weight[4, 2, 0, 1] = float("-inf")
+    else:
+        bias[7] = float("nan")
+    for name in ("conv2d", "conv2d_relu"):
+        actual = OPS[name][0](x, weight, bias, padding=1)
+        native = _native_forward(name, x, weight, bias, dict(padding=1))
+        assert torch.equal(actual.isnan(), native.isnan()) and torch.equal(actual.isinf(), native.isinf())
+        finite = native.isfinite()
+        torch.testing.assert_close(actual[finite], native[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_grad_input_keeps_torchs_infs_and_nans():
+    x = torch.randn(2, 16, 8, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(24, 16, 3, 3, dtype=torch.float64)
+    grad = torch.randn(2, 24, 8, 9, dtype=torch.float64)
+    grad[0, 5, 3, 4] = float("inf")
+    grad[1, 2, 0, 0] = float("nan")
+    actual = torch.autograd.grad(conv2d(x, weight, None, padding=1), x, grad)[0]
+    native = torch.autograd.grad(F.conv2d(x, weight, None, padding=1), x, grad)[0]
+    assert torch.equal(actual.isnan(), native.isnan()) and torch.equal(actual.isinf(), native.isinf())
+    finite = native.isfinite()
+    torch.testing.assert_close(actual[finite], native[finite], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["conv2d", "conv2d_relu_max_pool2d"])
 def test_results_do_not_depend_on_the_thread_count(name):
     # Task and grad-weight chunk partitions follow the thread count; the sums must not.

@@ -205,6 +205,33 @@ def test_fuzz_conv2d_matches_reference(case, relu, dtype, layout, weight_layout)
                    "conv2d_relu" if relu else "conv2d")
 
 
+@st.composite
+def winograd_conv_cases(draw):
+    """3x3, stride 1, undilated, ungrouped, >= 16 channels: the Winograd forward and grad-input."""
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    return dict(
+        batch=draw(st.integers(1, 2)),
+        groups=1,
+        in_channels=draw(st.integers(16, 40)),
+        out_channels=draw(st.integers(16, 40)),
+        kernel=(3, 3),
+        stride=(1, 1),
+        padding=padding,
+        dilation=(1, 1),
+        size=[draw(st.integers(max(1, 3 - 2 * p), 12)) for p in padding],
+        bias=draw(st.booleans()),
+    )
+
+
+@FUZZ_SETTINGS
+@_SEED
+@given(case=winograd_conv_cases(), relu=st.booleans(), dtype=dtypes, layout=layouts,
+       weight_layout=st.sampled_from(["contiguous", "channels_last", "transposed"]))
+def test_fuzz_winograd_conv2d_matches_reference(case, relu, dtype, layout, weight_layout):
+    _run_conv_case(conv2d_relu if relu else conv2d, case, dtype, layout, weight_layout,
+                   "winograd_conv2d_relu" if relu else "winograd_conv2d")
+
+
 @FUZZ_SETTINGS
 @_SEED
 @given(case=conv_cases(pooled=True), dtype=dtypes, layout=layouts,

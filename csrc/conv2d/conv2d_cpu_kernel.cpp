@@ -35,6 +35,7 @@ using conv2d::PlaceArgs;
 using conv2d::PoolArgs;
 using conv2d::StoreNchwArgs;
 using conv2d::UnpoolArgs;
+using conv2d::WinogradArgs;
 
 #if defined(FL_CPU_ISA_avx512)
 constexpr int kVecBytes = 64;
@@ -190,8 +191,12 @@ void offset_gemm_typed(const OffsetGemmArgs& args, int64_t row_begin, int64_t ro
     do {  // runs once when depth == 0: C = bias (or 0)
       const int64_t depth = std::min(kDepthBlock, args.depth - depth_begin);
       const bool last = depth_begin + depth == args.depth;
-      for (int64_t row = row_begin; row < row_end; row += rows_per_tile) {
-        const int rows = int(std::min<int64_t>(rows_per_tile, row_end - row));
+      for (int64_t row = row_begin, rows = 0; row < row_end; row += rows) {
+        // A short remainder shares the last full tile's rows (6 + 2 -> 4 + 4): a 2-row tile
+        // has too few accumulators to keep the FMA pipes busy.
+        const int64_t left = row_end - row;
+        rows = left > rows_per_tile && left < rows_per_tile + rows_per_tile / 2 ? (left + 1) / 2
+                                                                                 : std::min<int64_t>(rows_per_tile, left);
         TileArgs t;
         t.a = a;
         t.row_offsets = args.row_offsets + row;
@@ -205,7 +210,7 @@ void offset_gemm_typed(const OffsetGemmArgs& args, int64_t row_begin, int64_t ro
         t.accumulate = depth_begin > 0;
         t.bias = last && bias ? bias + col : nullptr;
         t.relu = last && args.relu;
-        kTiles<T>[vectors - 1][rows - 1](t);
+        kTiles<T>[vectors - 1][static_cast<int>(rows) - 1](t);
       }
       depth_begin += depth;
     } while (depth_begin < args.depth);
@@ -590,10 +595,163 @@ void depthwise_weight_grad(const DepthwiseWeightGradArgs& args) {
   }
 }
 
+// V = B^T d B of one 4x4 block, B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]: d[i][j] =
+// load(i, j), element e = 4i + j of V to store(e, value). U is a vector or a scalar.
+template <class U, class Load, class Store>
+FL_INLINE void winograd_input_tile(const Load& load, const Store& store) {
+  U r[4][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const U x0 = load(0, j), x1 = load(1, j), x2 = load(2, j), x3 = load(3, j);
+    r[0][j] = x0 - x2;
+    r[1][j] = x1 + x2;
+    r[2][j] = x2 - x1;
+    r[3][j] = x1 - x3;
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    store(4 * i + 0, r[i][0] - r[i][2]);
+    store(4 * i + 1, r[i][1] + r[i][2]);
+    store(4 * i + 2, r[i][2] - r[i][1]);
+    store(4 * i + 3, r[i][1] - r[i][3]);
+  }
+}
+
+// Y = A^T M A + bias of one tile, A^T = [1 1 1 0; 0 1 -1 -1]: M[e] = load(e), y[i][j] the
+// output pixel (i, j) of the tile.
+template <class U, class Load>
+FL_INLINE void winograd_output_tile(const Load& load, U bias, U y[2][2]) {
+  U s[2][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    const U m0 = load(j), m1 = load(4 + j), m2 = load(8 + j), m3 = load(12 + j);
+    s[0][j] = m0 + m1 + m2;
+    s[1][j] = m1 - m2 - m3;
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    y[i][0] = s[i][0] + s[i][1] + s[i][2] + bias;
+    y[i][1] = s[i][1] - s[i][2] - s[i][3] + bias;
+  }
+}
+
+template <class T>
+bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_end) {
+  using Vec = typename VecOf<T>::type;
+  constexpr int64_t W = kVecBytes / sizeof(T);
+  const int64_t C = args.channels, K = args.out_channels, ldw = args.ldw;
+  const int64_t units_per_image = args.units_per_image;
+  const int64_t max_rows = (args.tiles_h + units_per_image - 1) / units_per_image;
+  const int64_t tiles_w = args.tiles_w, max_tiles = max_rows * tiles_w;
+  const int64_t v_step = max_tiles * C, m_step = max_tiles * ldw;  // between transformed elements
+  const int64_t c_full = C / W * W, k_full = K / W * W;
+  const T* image = static_cast<const T*>(args.image);
+  const T* weight = static_cast<const T*>(args.weight);
+  const T* bias = static_cast<const T*>(args.bias);
+  T* out = static_cast<T*>(args.out);
+  std::vector<T> v(static_cast<size_t>(16 * v_step)), m(static_cast<size_t>(16 * m_step));
+  // NCHW: the unit's output rows as NHWC, then transposed into the planes. Pixels past
+  // the output's last row or column (odd sizes) go to a discarded row.
+  std::vector<T> block(args.nchw ? static_cast<size_t>(2 * max_rows * args.out_w * ldw) : 0);
+  std::vector<T> discard(static_cast<size_t>(ldw));
+  std::vector<int64_t> row_offsets(static_cast<size_t>(max_tiles)), depth_offsets(static_cast<size_t>(C));
+  for (int64_t t = 0; t < max_tiles; ++t) row_offsets[t] = t * C;
+  for (int64_t c = 0; c < C; ++c) depth_offsets[c] = c;
+  const Vec zero = Vec{};
+  Vec check = Vec{};  // stays 0 while every value is finite: x - x is NaN for inf and NaN
+  T check_tail = T(0);
+  for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+    const int64_t n = unit / units_per_image;
+    const int64_t run = unit % units_per_image;
+    const int64_t tile_row0 = run * args.tiles_h / units_per_image;
+    const int64_t tile_row1 = (run + 1) * args.tiles_h / units_per_image;
+    const int64_t tiles = (tile_row1 - tile_row0) * tiles_w;
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t tile_row = tile_row0 + t / tiles_w, tile_col = t % tiles_w;
+      const T* d = image + ((n * args.rows + 2 * tile_row) * args.cols + 2 * tile_col) * C;
+      const int64_t pixel_row = args.cols * C;
+      T* vt = v.data() + t * C;
+      for (int64_t c = 0; c < c_full; c += W) {
+        winograd_input_tile<Vec>([&](int i, int j) { return load_vec(d + i * pixel_row + j * C + c); },
+                                 [&](int e, Vec x) { store_vec(vt + e * v_step + c, x); });
+      }
+      for (int64_t c = c_full; c < C; ++c) {
+        winograd_input_tile<T>([&](int i, int j) { return d[i * pixel_row + j * C + c]; },
+                               [&](int e, T x) { vt[e * v_step + c] = x; });
+      }
+    }
+    // M_e = V_e U_e for the 16 elements e of the transformed tile.
+    for (int e = 0; e < 16; ++e) {
+      OffsetGemmArgs g;
+      g.a = v.data() + e * v_step;
+      g.row_offsets = row_offsets.data();
+      g.depth_offsets = depth_offsets.data();
+      g.depth = C;
+      g.b = weight + e * C * ldw;
+      g.ldb = ldw;
+      g.c = m.data() + e * m_step;
+      g.ldc = ldw;
+      g.columns = K;
+      g.dtype = args.dtype;
+      offset_gemm_typed<T>(g, 0, tiles);
+    }
+    const int64_t row0 = 2 * tile_row0, row1 = std::min(args.out_h, 2 * tile_row1);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t oh = 2 * (tile_row0 + t / tiles_w), ow = 2 * (t % tiles_w);
+      T* y[2][2];
+      for (int i = 0; i < 2; ++i) {
+        for (int j = 0; j < 2; ++j) {
+          const bool inside = oh + i < args.out_h && ow + j < args.out_w;
+          const int64_t pixel = (oh + i) * args.out_w + ow + j;
+          y[i][j] = !inside   ? discard.data()
+                    : args.nchw ? block.data() + (pixel - row0 * args.out_w) * ldw
+                                : out + (n * args.out_h * args.out_w + pixel) * K;
+        }
+      }
+      const T* mt = m.data() + t * ldw;
+      for (int64_t k = 0; k < k_full; k += W) {
+        Vec r[2][2];
+        winograd_output_tile<Vec>([&](int e) { return load_vec(mt + e * m_step + k); },
+                                  bias != nullptr ? load_vec(bias + k) : zero, r);
+        for (int i = 0; i < 2; ++i) {
+          for (int j = 0; j < 2; ++j) {
+            check += r[i][j] - r[i][j];
+            store_vec(y[i][j] + k, args.relu ? (r[i][j] < zero ? zero : r[i][j]) : r[i][j]);
+          }
+        }
+      }
+      for (int64_t k = k_full; k < K; ++k) {
+        T r[2][2];
+        winograd_output_tile<T>([&](int e) { return mt[e * m_step + k]; }, bias != nullptr ? bias[k] : T(0), r);
+        for (int i = 0; i < 2; ++i) {
+          for (int j = 0; j < 2; ++j) {
+            check_tail += r[i][j] - r[i][j];
+            y[i][j][k] = args.relu ? bias_act::activation_forward<bias_act::Activation::kRelu, T>(r[i][j]) : r[i][j];
+          }
+        }
+      }
+    }
+    if (args.nchw) {
+      const int64_t plane = args.out_h * args.out_w;
+      transpose_block(block.data(), ldw, (row1 - row0) * args.out_w, K, out + n * K * plane + row0 * args.out_w,
+                      plane);
+    }
+  }
+  T lanes[W];
+  store_vec(lanes, check);
+  for (int64_t i = 0; i < W; ++i) check_tail += lanes[i];
+  return check_tail == T(0);
+}
+
+bool winograd(const WinogradArgs& args, int64_t unit_begin, int64_t unit_end) {
+  if (args.dtype == DType::kFloat64) return winograd_typed<double>(args, unit_begin, unit_end);
+  return winograd_typed<float>(args, unit_begin, unit_end);
+}
+
 }  // namespace
 
 extern const conv2d::CpuKernels conv2d_cpu_kernels;
 const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw, &depthwise,
-                                                   &depthwise_weight_grad, &unpool_relu};
+                                                   &depthwise_weight_grad, &unpool_relu, &winograd};
 
 }  // namespace fastlayers::FL_CPU_NS

@@ -200,6 +200,32 @@ FL_HOST_DEVICE Acc edge_grad_input_sum(const EdgeGeometry& e, int64_t ih, int64_
   return sum;
 }
 
+// Winograd F(2x2, 3x3) for a 3x3, stride-1, undilated, ungrouped convolution (Lavin &
+// Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each 2x2 block of
+// output pixels (a tile) comes from the 4x4 input block d around it as
+//   Y = A^T [ sum over input channels of (G w G^T) * (B^T d B) ] A   (elementwise *),
+// so the 36 multiply-adds of a tile and a (input, output) channel pair become 16, run as
+// 16 independent GEMMs [tiles x C] x [C x K], one per element of the 4x4 transformed tile
+// (the offset-GEMM micro-kernel). A unit of work is one of `units_per_image` equal runs
+// of tile rows of one image: the input transform into a [16][tiles][C] block, the 16
+// GEMMs, then the output
+// transform with the bias and the ReLU, into NHWC rows or, for NCHW, through an NHWC block
+// transposed into the planes.
+struct WinogradArgs {
+  const void* image = nullptr;  // [N, rows, cols, C] zero-padded NHWC: rows >= 2 tiles_h + 2, cols >= 2 tiles_w + 2
+  int64_t rows = 0, cols = 0, channels = 0;
+  const void* weight = nullptr;  // U = G w G^T as [16][C][ldw], columns K.. zero
+  int64_t ldw = 0;               // a multiple of kColumnPad, >= out_channels
+  int64_t out_channels = 0;
+  const void* bias = nullptr;  // [ldw] zero-padded, or null
+  bool relu = false;
+  int64_t out_h = 0, out_w = 0, tiles_h = 0, tiles_w = 0;
+  int64_t units_per_image = 1;  // unit u of an image: tile rows [u tiles_h / units, (u + 1) tiles_h / units)
+  void* out = nullptr;    // [N, out_h, out_w, K] (NHWC) or [N, K, out_h, out_w] (nchw)
+  bool nchw = false;
+  DType dtype = DType::kFloat32;  // float32 or float64
+};
+
 struct CpuKernels {
   // Rows [row_begin, row_end) of C, every column; the caller parallelizes over rows.
   void (*offset_gemm)(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end);
@@ -213,6 +239,12 @@ struct CpuKernels {
   // Tasks [task_begin, task_end): task n * max(PH, 1) + ph writes the conv rows of
   // window row ph of image n (the last one also the odd row).
   void (*unpool_relu)(const UnpoolArgs& args, int64_t task_begin, int64_t task_end);
+  // Units [unit_begin, unit_end) (unit u: image u / units_per_image, its run of tile
+  // rows u % units_per_image). False when an output value (before the ReLU)
+  // is not finite: the transforms mix the pixels of a tile, so an inf or NaN input, a
+  // non-finite weight or an overflow would spread where a direct convolution does not;
+  // the caller then runs the direct convolution instead.
+  bool (*winograd)(const WinogradArgs& args, int64_t unit_begin, int64_t unit_end);
 };
 
 #if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
