@@ -202,9 +202,9 @@ def _winograd_tensors(case, dtype, layout="contiguous", requires_grad=False):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("name", ["conv2d", "conv2d_relu"])
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=[f"winograd{i}" for i in range(len(WINOGRAD_CASES))])
-def test_winograd_forward_and_grad_input_match_the_oracle_and_torch(case, name, layout, dtype):
+def test_winograd_forward_and_grads_match_the_oracle_and_torch(case, name, layout, dtype):
     # grad-input with padding <= 2 is the same kind of convolution (flipped, transposed
-    # weight, padding 2 - pad) and runs Winograd too.
+    # weight, padding 2 - pad) and runs Winograd too; grad-weight runs F(3x3, 2x2).
     x, weight, bias, kwargs = _winograd_tensors(case, dtype, layout, requires_grad=True)
     ours, reference = OPS[name]
     for b in (bias, None):
@@ -257,17 +257,24 @@ def test_winograd_forward_keeps_torchs_infs_and_nans(where):
         torch.testing.assert_close(actual[finite], native[finite], rtol=1e-4, atol=1e-4)
 
 
-def test_winograd_grad_input_keeps_torchs_infs_and_nans():
-    x = torch.randn(2, 16, 8, 9, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(24, 16, 3, 3, dtype=torch.float64)
+@pytest.mark.parametrize("where", ["grad_output", "input"])
+def test_winograd_grads_keep_torchs_infs_and_nans(where):
+    # grad-input and grad-weight (Winograd F(3x3, 2x2)) fall back to the direct passes too.
+    x = torch.randn(2, 16, 8, 9, dtype=torch.float64)
+    weight = torch.randn(24, 16, 3, 3, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 24, 8, 9, dtype=torch.float64)
-    grad[0, 5, 3, 4] = float("inf")
-    grad[1, 2, 0, 0] = float("nan")
-    actual = torch.autograd.grad(conv2d(x, weight, None, padding=1), x, grad)[0]
-    native = torch.autograd.grad(F.conv2d(x, weight, None, padding=1), x, grad)[0]
-    assert torch.equal(actual.isnan(), native.isnan()) and torch.equal(actual.isinf(), native.isinf())
-    finite = native.isfinite()
-    torch.testing.assert_close(actual[finite], native[finite], rtol=1e-9, atol=1e-9)
+    if where == "grad_output":
+        grad[0, 5, 3, 4] = float("inf")
+        grad[1, 2, 0, 0] = float("nan")
+    else:
+        x[1, 7, 4, 4] = float("-inf")
+    x.requires_grad_()
+    actual = torch.autograd.grad(conv2d(x, weight, None, padding=1), (x, weight), grad)
+    native = torch.autograd.grad(F.conv2d(x, weight, None, padding=1), (x, weight), grad)
+    for a, n in zip(actual, native):
+        assert torch.equal(a.isnan(), n.isnan()) and torch.equal(a.isinf(), n.isinf())
+        finite = n.isfinite()
+        torch.testing.assert_close(a[finite], n[finite], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["conv2d", "conv2d_relu_max_pool2d"])

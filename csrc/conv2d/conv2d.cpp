@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <tuple>
 #include <utility>
@@ -753,6 +754,61 @@ at::Tensor depthwise_weight_grad_cpu(const ConvPass& p, const at::Tensor& grad_o
   return partials.sum(0).t().reshape(weight_size).contiguous();
 }
 
+// grad-weight of the layers winograd_applies to, through Winograd F(3x3, 2x2)
+// (WinogradWeightGradArgs): chunks of tiles in parallel, added in chunk order (a function
+// of the shape, as the direct pass's pixel chunks), then A^T M A per channel pair. An
+// undefined tensor when a value came out non-finite: the direct pass then runs.
+at::Tensor winograd_weight_grad(const at::Tensor& input, const at::Tensor& grad_output, const Geometry& g) {
+  WinogradWeightGradArgs args;
+  args.tiles_h = (g.out_h + 1) / 2;
+  args.tiles_w = (g.out_w + 1) / 2;
+  const at::Tensor image = place_nhwc(input, 2 * args.tiles_h + 2, 2 * args.tiles_w + 2, g.pad_h, g.pad_w, 1, 1);
+  const at::Tensor grad = place_nhwc(grad_output, 2 * args.tiles_h, 2 * args.tiles_w, 0, 0, 1, 1);
+  const int64_t K = g.out_channels, C = g.in_channels;
+  args.tiles = g.batch * args.tiles_h * args.tiles_w;
+  int64_t chunks = weight_grad_chunks(args.tiles, 16 * K * C);
+  args.tiles_per_chunk = (args.tiles + chunks - 1) / chunks;
+  chunks = (args.tiles + args.tiles_per_chunk - 1) / args.tiles_per_chunk;
+  at::Tensor partials = at::empty({chunks, 16, K, C}, input.options());
+  args.image = image.const_data_ptr();
+  args.rows = image.size(1);
+  args.cols = image.size(2);
+  args.channels = C;
+  args.grad = grad.const_data_ptr();
+  args.out_channels = K;
+  args.partials = partials.mutable_data_ptr();
+  args.dtype = input.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { kernels.winograd_weight_grad(args, begin, end); });
+  const at::Tensor m = partials.sum(0).contiguous();  // [16][K][C]
+  at::Tensor grad_weight = at::empty({K, C, 3, 3}, input.options());
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "winograd_weight_grad", [&] {
+    const scalar_t* sums = m.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_weight.mutable_data_ptr<scalar_t>();
+    const int64_t pairs = K * C;
+    for (int64_t kc = 0; kc < pairs; ++kc) {
+      // A^T M A, A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1].
+      scalar_t s[3][4];
+      for (int q = 0; q < 4; ++q) {
+        const scalar_t m0 = sums[q * pairs + kc], m1 = sums[(4 + q) * pairs + kc];
+        const scalar_t m2 = sums[(8 + q) * pairs + kc], m3 = sums[(12 + q) * pairs + kc];
+        s[0][q] = m0 + m1 + m2;
+        s[1][q] = m1 - m2;
+        s[2][q] = m1 + m2 + m3;
+      }
+      for (int i = 0; i < 3; ++i) {
+        const scalar_t y[3] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2], s[i][1] + s[i][2] + s[i][3]};
+        for (int j = 0; j < 3; ++j) {
+          finite = finite && std::isfinite(y[j]);
+          out[kc * 9 + 3 * i + j] = y[j];
+        }
+      }
+    }
+  });
+  return finite ? grad_weight : at::Tensor();
+}
+
 at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                       at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
@@ -760,6 +816,10 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   const int64_t field = g.kernel_h * g.kernel_w * g.in_per_group();
   const int64_t pixels = g.batch * g.out_h * g.out_w;
   at::Tensor x = to_compute(input);
+  if (winograd_applies(g)) {
+    const at::Tensor grad_weight = winograd_weight_grad(x, to_compute(grad_output), g);
+    if (grad_weight.defined()) return grad_weight.to(input.scalar_type());
+  }
   const ConvPass p = input_pass(x, g);
   if (g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1 && pixels > 0) {
     return depthwise_weight_grad_cpu(p, to_compute(grad_output), g, weight_size).to(input.scalar_type());

@@ -36,6 +36,7 @@ using conv2d::PoolArgs;
 using conv2d::StoreNchwArgs;
 using conv2d::UnpoolArgs;
 using conv2d::WinogradArgs;
+using conv2d::WinogradWeightGradArgs;
 
 #if defined(FL_CPU_ISA_avx512)
 constexpr int kVecBytes = 64;
@@ -207,7 +208,7 @@ void offset_gemm_typed(const OffsetGemmArgs& args, int64_t row_begin, int64_t ro
         t.c = c + row * args.ldc + col;
         t.ldc = args.ldc;
         t.valid_columns = tile_columns;
-        t.accumulate = depth_begin > 0;
+        t.accumulate = args.accumulate || depth_begin > 0;
         t.bias = last && bias ? bias + col : nullptr;
         t.relu = last && args.relu;
         kTiles<T>[vectors - 1][static_cast<int>(rows) - 1](t);
@@ -748,10 +749,94 @@ bool winograd(const WinogradArgs& args, int64_t unit_begin, int64_t unit_end) {
   return winograd_typed<float>(args, unit_begin, unit_end);
 }
 
+// The two nonzero entries (column, sign) of row p of B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0;
+// 0 1 0 -1] and of G' = [1 0; 1/2 1/2; 1/2 -1/2; 0 -1] (WinogradWeightGradArgs).
+struct TwoTerms {
+  int index[2];
+  double coef[2];
+};
+constexpr TwoTerms kInputRows[4] = {{{0, 2}, {1, -1}}, {{1, 2}, {1, 1}}, {{2, 1}, {1, -1}}, {{1, 3}, {1, -1}}};
+constexpr TwoTerms kGradRows[4] = {{{0, 1}, {1, 0}}, {{0, 1}, {0.5, 0.5}}, {{0, 1}, {0.5, -0.5}}, {{0, 1}, {0, -1}}};
+
+template <class T>
+void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end) {
+  // Tiles a block: its two transformed operands ([tiles][ldv], [tiles][K]) stay in L2.
+  constexpr int64_t kBlockTiles = 128;
+  const int64_t C = args.channels, K = args.out_channels;
+  const int64_t ldv = (C + conv2d::kColumnPad - 1) / conv2d::kColumnPad * conv2d::kColumnPad;
+  const int64_t tiles_per_image = args.tiles_h * args.tiles_w;
+  const T* image = static_cast<const T*>(args.image);
+  const T* grad = static_cast<const T*>(args.grad);
+  T* partials = static_cast<T*>(args.partials);
+  std::vector<T> v(static_cast<size_t>(kBlockTiles * ldv)), u(static_cast<size_t>(kBlockTiles * K));
+  std::vector<int64_t> row_offsets(static_cast<size_t>(K)), depth_offsets(static_cast<size_t>(kBlockTiles));
+  for (int64_t k = 0; k < K; ++k) row_offsets[k] = k;
+  for (int64_t t = 0; t < kBlockTiles; ++t) depth_offsets[t] = t * K;
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int64_t first = chunk * args.tiles_per_chunk, last = std::min(args.tiles, first + args.tiles_per_chunk);
+    for (int64_t block = first; block < last; block += kBlockTiles) {
+      const int64_t count = std::min(kBlockTiles, last - block);
+      for (int e = 0; e < 16; ++e) {
+        const TwoTerms& ip = kInputRows[e / 4];
+        const TwoTerms& iq = kInputRows[e % 4];
+        const TwoTerms& gp = kGradRows[e / 4];
+        const TwoTerms& gq = kGradRows[e % 4];
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t tile = block + t, n = tile / tiles_per_image;
+          const int64_t tile_row = tile % tiles_per_image / args.tiles_w, tile_col = tile % args.tiles_w;
+          // (B^T d B)[p][q]: two input rows, two columns of each.
+          const T* d = image + ((n * args.rows + 2 * tile_row) * args.cols + 2 * tile_col) * C;
+          const T* d00 = d + (ip.index[0] * args.cols + iq.index[0]) * C;
+          const T* d01 = d + (ip.index[0] * args.cols + iq.index[1]) * C;
+          const T* d10 = d + (ip.index[1] * args.cols + iq.index[0]) * C;
+          const T* d11 = d + (ip.index[1] * args.cols + iq.index[1]) * C;
+          const T a00 = T(ip.coef[0] * iq.coef[0]), a01 = T(ip.coef[0] * iq.coef[1]);
+          const T a10 = T(ip.coef[1] * iq.coef[0]), a11 = T(ip.coef[1] * iq.coef[1]);
+          T* vt = v.data() + t * ldv;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) vt[c] = (a00 * d00[c] + a01 * d01[c]) + (a10 * d10[c] + a11 * d11[c]);
+          // (G' g G'^T)[p][q] of the 2x2 grad_output tile.
+          const int64_t grad_cols = 2 * args.tiles_w;
+          const T* g = grad + ((n * 2 * args.tiles_h + 2 * tile_row) * grad_cols + 2 * tile_col) * K;
+          const T* g00 = g + (gp.index[0] * grad_cols + gq.index[0]) * K;
+          const T* g01 = g + (gp.index[0] * grad_cols + gq.index[1]) * K;
+          const T* g10 = g + (gp.index[1] * grad_cols + gq.index[0]) * K;
+          const T* g11 = g + (gp.index[1] * grad_cols + gq.index[1]) * K;
+          const T b00 = T(gp.coef[0] * gq.coef[0]), b01 = T(gp.coef[0] * gq.coef[1]);
+          const T b10 = T(gp.coef[1] * gq.coef[0]), b11 = T(gp.coef[1] * gq.coef[1]);
+          T* ut = u.data() + t * K;
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) ut[k] = (b00 * g00[k] + b01 * g01[k]) + (b10 * g10[k] + b11 * g11[k]);
+        }
+        // partials[chunk][e] (+)= U_e^T V_e: rows k, depth the block's tiles, columns c.
+        OffsetGemmArgs gemm;
+        gemm.a = u.data();
+        gemm.row_offsets = row_offsets.data();
+        gemm.depth_offsets = depth_offsets.data();
+        gemm.depth = count;
+        gemm.b = v.data();
+        gemm.ldb = ldv;
+        gemm.c = partials + (chunk * 16 + e) * K * C;
+        gemm.ldc = C;
+        gemm.columns = C;
+        gemm.accumulate = block > first;
+        gemm.dtype = args.dtype;
+        offset_gemm_typed<T>(gemm, 0, K);
+      }
+    }
+  }
+}
+
+void winograd_weight_grad(const WinogradWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end) {
+  if (args.dtype == DType::kFloat64) return winograd_weight_grad_typed<double>(args, chunk_begin, chunk_end);
+  winograd_weight_grad_typed<float>(args, chunk_begin, chunk_end);
+}
+
 }  // namespace
 
 extern const conv2d::CpuKernels conv2d_cpu_kernels;
 const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw, &depthwise,
-                                                   &depthwise_weight_grad, &unpool_relu, &winograd};
+                                                   &depthwise_weight_grad, &unpool_relu, &winograd,
+                                                   &winograd_weight_grad};
 
 }  // namespace fastlayers::FL_CPU_NS

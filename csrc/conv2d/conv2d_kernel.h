@@ -39,6 +39,7 @@ struct OffsetGemmArgs {
   int64_t columns = 0;
   const void* bias = nullptr;  // [ldb] (zero-padded) added to C, or null
   bool relu = false;           // C = max(C, 0) after the bias (NaN kept, as torch.relu)
+  bool accumulate = false;     // C += the product (else C =)
   DType dtype = DType::kFloat32;  // float32 or float64
 };
 
@@ -226,6 +227,24 @@ struct WinogradArgs {
   DType dtype = DType::kFloat32;  // float32 or float64
 };
 
+// grad-weight of the same convolutions through Winograd F(3x3, 2x2): each 2x2 tile of
+// grad_output g and the 4x4 input block d under it add A^T [(G' g G'^T) * (B^T d B)] A
+// to the 3x3 weight gradient, B^T as in WinogradArgs, G' = [1 0; 1/2 1/2; 1/2 -1/2;
+// 0 -1], A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1]: 16 GEMMs [K x tiles] x [tiles x C] summed
+// over the tiles, the transforms built one element at a time in blocks of tiles. Chunk
+// j of `tiles_per_chunk` tiles (tiles numbered image by image, row by row) writes its
+// sums of the 16 elements to partials[j] ([16][K][C]); the caller adds the chunks in
+// order and applies A^T . A.
+struct WinogradWeightGradArgs {
+  const void* image = nullptr;  // the input, as WinogradArgs::image
+  int64_t rows = 0, cols = 0, channels = 0;
+  const void* grad = nullptr;  // grad_output as [N, 2 tiles_h, 2 tiles_w, K] NHWC, zero past the output
+  int64_t out_channels = 0;
+  int64_t tiles_h = 0, tiles_w = 0, tiles = 0, tiles_per_chunk = 0;
+  void* partials = nullptr;  // [chunks][16][K][C]
+  DType dtype = DType::kFloat32;
+};
+
 struct CpuKernels {
   // Rows [row_begin, row_end) of C, every column; the caller parallelizes over rows.
   void (*offset_gemm)(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end);
@@ -245,6 +264,8 @@ struct CpuKernels {
   // non-finite weight or an overflow would spread where a direct convolution does not;
   // the caller then runs the direct convolution instead.
   bool (*winograd)(const WinogradArgs& args, int64_t unit_begin, int64_t unit_end);
+  // Chunks [chunk_begin, chunk_end).
+  void (*winograd_weight_grad)(const WinogradWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end);
 };
 
 #if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
