@@ -6,9 +6,9 @@ Cases: 3x3 convolutions (padding 1, NCHW, float32) forward and forward+backward
 torch.nn layers against fastlayers.nn.Conv2dReLUMaxPool2d. GFLOP/s counts the
 convolutions' multiply-adds (2 flops each): forward 1x, forward+backward 3x (the
 first block's input needs no gradient: 2x for it). These are the direct convolution's
-multiply-adds: the 3x3 forward and grad-input run Winograd F(2x2, 3x3) on the CPU,
-16 multiply-adds where the direct convolution has 36, so their "GFLOP/s" and "% peak"
-are effective rates and can exceed the FMA peak.
+multiply-adds: the 3x3 layers' forward, grad-input and grad-weight run Winograd on the
+CPU, 16 multiply-adds where the direct convolution has 36, so their "GFLOP/s" and
+"% peak" are effective rates and can exceed the FMA peak.
 
     python benchmarks/bench_conv.py [--quick] [--threads N] [--device cpu|cuda|all]
 """
