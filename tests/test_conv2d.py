@@ -224,13 +224,21 @@ def test_winograd_forward_and_grads_match_the_oracle_and_torch(case, name, layou
             _assert_matches(a, n, o, dtype)
 
 
-def test_winograd_forward_matches_the_oracle_on_every_cpu_isa(cpu_isa):
+def test_winograd_matches_the_oracle_on_every_cpu_isa(cpu_isa):
     for dtype in (torch.float32, torch.float64):
         for case in (WINOGRAD_CASES[2], WINOGRAD_CASES[5]):
-            x, weight, bias, kwargs = _winograd_tensors(case, dtype)
+            x, weight, bias, kwargs = _winograd_tensors(case, dtype, requires_grad=True)
             actual = conv2d_relu(x, weight, bias, **kwargs)
             native = _native_forward("conv2d_relu", x, weight, bias, kwargs)
-            _assert_matches(actual, native, _oracle(conv2d_relu_reference, x, weight, bias, kwargs), dtype, cpu_isa)
+            oracle_inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+            oracle = _oracle(conv2d_relu_reference, *oracle_inputs, kwargs)
+            _assert_matches(actual, native, oracle, dtype, cpu_isa)
+            grad = torch.randn_like(native)
+            grads = torch.autograd.grad(actual, (x, weight), grad)
+            native_grads = torch.autograd.grad(native, (x, weight), grad)
+            oracle_grads = torch.autograd.grad(oracle, oracle_inputs[:2], grad.double())
+            for a, n, o in zip(grads, native_grads, oracle_grads):
+                _assert_matches(a, n, o, dtype, cpu_isa)
 
 
 @pytest.mark.parametrize("where", ["input_inf", "input_nan", "weight_inf", "bias_nan"])
