@@ -108,6 +108,27 @@ def _poolable(case, name):
     return out.shape[2] >= 2 and out.shape[3] >= 2
 
 
+def _check_forward_and_grads(name, x, weight, bias, kwargs, dtype, msg="", grads_of=3):
+    """OPS[name] against native torch and the float64 oracle: the output, then the
+    gradients of the first `grads_of` of (x, weight, bias). Returns (ours, native)."""
+    fn, reference = OPS[name]
+    y = fn(x, weight, bias, **kwargs)
+    native = _native_forward(name, x, weight, bias, kwargs)
+    oracle_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    oracle = _oracle(reference, *oracle_inputs, kwargs)
+    assert y.shape == native.shape and y.dtype == dtype
+    _assert_matches(y, native, oracle, dtype, f"{msg} forward")
+    grad = torch.randn_like(native)
+    leaves = (x, weight, bias)[:grads_of]
+    ours = torch.autograd.grad(y, leaves, grad)
+    theirs = torch.autograd.grad(native, leaves, grad)
+    expected = torch.autograd.grad(oracle, oracle_inputs[:grads_of], grad.double())
+    for what, a, n, o in zip(("input", "weight", "bias"), ours, theirs, expected):
+        assert a.shape == o.shape
+        _assert_matches(a, n, o, dtype, f"{msg} grad {what}")
+    return y, native
+
+
 # ---- forward and backward parity over the grid -----------------------------------
 
 
@@ -118,22 +139,8 @@ def _poolable(case, name):
 def test_forward_and_grads_match_float64_oracle_and_native_torch(case, dtype, layout, name):
     if not _poolable(case, name):
         pytest.skip("convolution output smaller than the pooling window")
-    fn, reference = OPS[name]
     x, weight, bias, kwargs = _tensors(case, dtype, layout, requires_grad=True)
-    y = fn(x, weight, bias, **kwargs)
-    native = _native_forward(name, x, weight, bias, kwargs)
-    oracle_inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    oracle = _oracle(reference, *oracle_inputs, kwargs)
-    assert y.shape == native.shape and y.dtype == dtype
-    _assert_matches(y, native, oracle, dtype, "forward")
-
-    grad = torch.randn_like(native)
-    ours = torch.autograd.grad(y, (x, weight, bias), grad)
-    theirs = torch.autograd.grad(native, (x, weight, bias), grad)
-    expected = torch.autograd.grad(oracle, oracle_inputs, grad.double())
-    for what, a, n, o in zip(("input", "weight", "bias"), ours, theirs, expected):
-        assert a.shape == o.shape
-        _assert_matches(a, n, o, dtype, f"grad {what}")
+    _check_forward_and_grads(name, x, weight, bias, kwargs, dtype)
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -152,17 +159,7 @@ def test_output_memory_format_is_the_one_torch_gives(name, input_format, weight_
 def test_every_cpu_isa_matches_the_oracle(cpu_isa, case):
     for dtype in (torch.float32, torch.float64):
         x, weight, bias, kwargs = _tensors(case, dtype, requires_grad=True)
-        y = conv2d_relu_max_pool2d(x, weight, bias, **kwargs)
-        native = _native_forward("conv2d_relu_max_pool2d", x, weight, bias, kwargs)
-        oracle_inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-        oracle = _oracle(conv2d_relu_max_pool2d_reference, *oracle_inputs, kwargs)
-        _assert_matches(y, native, oracle, dtype, cpu_isa)
-        grad = torch.randn_like(native)
-        ours = torch.autograd.grad(y, (x, weight, bias), grad)
-        theirs = torch.autograd.grad(native, (x, weight, bias), grad)
-        expected = torch.autograd.grad(oracle, oracle_inputs, grad.double())
-        for a, n, o in zip(ours, theirs, expected):
-            _assert_matches(a, n, o, dtype, cpu_isa)
+        _check_forward_and_grads("conv2d_relu_max_pool2d", x, weight, bias, kwargs, dtype, cpu_isa)
 
 
 def test_conv_larger_than_one_task_and_one_depth_block_matches_torch():
@@ -206,39 +203,17 @@ def test_winograd_forward_and_grads_match_the_oracle_and_torch(case, name, layou
     # grad-input with padding <= 2 is the same kind of convolution (flipped, transposed
     # weight, padding 2 - pad) and runs Winograd too; grad-weight runs F(3x3, 2x2).
     x, weight, bias, kwargs = _winograd_tensors(case, dtype, layout, requires_grad=True)
-    ours, reference = OPS[name]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     for b in (bias, None):
-        actual = ours(x, weight, b, **kwargs)
-        native = _native_forward(name, x, weight, b, kwargs)
-        assert actual.shape == native.shape
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        actual, _ = _check_forward_and_grads(name, x, weight, b, kwargs, dtype, grads_of=2)
         assert actual.is_contiguous(memory_format=fmt)
-        oracle_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, weight, b)]
-        oracle = _oracle(reference, *oracle_inputs, kwargs)
-        _assert_matches(actual, native, oracle, dtype)
-        grad = torch.randn_like(native)
-        grads = torch.autograd.grad(actual, (x, weight), grad)
-        native_grads = torch.autograd.grad(native, (x, weight), grad)
-        oracle_grads = torch.autograd.grad(oracle, oracle_inputs[:2], grad.double())
-        for a, n, o in zip(grads, native_grads, oracle_grads):
-            _assert_matches(a, n, o, dtype)
 
 
 def test_winograd_matches_the_oracle_on_every_cpu_isa(cpu_isa):
     for dtype in (torch.float32, torch.float64):
         for case in (WINOGRAD_CASES[2], WINOGRAD_CASES[5]):
             x, weight, bias, kwargs = _winograd_tensors(case, dtype, requires_grad=True)
-            actual = conv2d_relu(x, weight, bias, **kwargs)
-            native = _native_forward("conv2d_relu", x, weight, bias, kwargs)
-            oracle_inputs = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-            oracle = _oracle(conv2d_relu_reference, *oracle_inputs, kwargs)
-            _assert_matches(actual, native, oracle, dtype, cpu_isa)
-            grad = torch.randn_like(native)
-            grads = torch.autograd.grad(actual, (x, weight), grad)
-            native_grads = torch.autograd.grad(native, (x, weight), grad)
-            oracle_grads = torch.autograd.grad(oracle, oracle_inputs[:2], grad.double())
-            for a, n, o in zip(grads, native_grads, oracle_grads):
-                _assert_matches(a, n, o, dtype, cpu_isa)
+            _check_forward_and_grads("conv2d_relu", x, weight, bias, kwargs, dtype, cpu_isa, grads_of=2)
 
 
 @pytest.mark.parametrize("where", ["input_inf", "input_nan", "weight_inf", "bias_nan"])
