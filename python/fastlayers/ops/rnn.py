@@ -482,9 +482,9 @@ def _final_rows(batch_sizes, device):
     return (starts[lengths - 1] + rows).to(device)
 
 
-def _run_direction(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity):
+def _run_direction(mode, x, batch_sizes, final_rows, h0, c0, weights, reverse, nonlinearity):
     """One direction of one layer: (output, h_n, c_n); x is time-major [T, B, I] when
-    batch_sizes is None, else packed data."""
+    batch_sizes is None, else packed data, whose sequences end at rows final_rows()."""
     w_ih, w_hh, b_ih, b_hh, w_hr = weights
     if mode == "lstm":
         output, cells = _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
@@ -497,7 +497,7 @@ def _run_direction(mode, x, batch_sizes, h0, c0, weights, reverse, nonlinearity)
         if batch_sizes is None:
             return states[0] if reverse else states[-1]
         # Reverse: every sequence ends at step 0, the first rows; forward: at its own last step.
-        return states[: h0.shape[0]] if reverse else states[_final_rows(batch_sizes, states.device)]
+        return states[: h0.shape[0]] if reverse else states[final_rows()]
 
     return output, final(output), final(cells)
 
@@ -511,8 +511,18 @@ def _stack(mode, input, batch_sizes, h0, c0, params, has_biases, num_layers, dro
             f"{mode}: expected {num_layers * directions * per_direction} weight tensors "
             f"({num_layers} layers x {directions} directions x {per_direction}), got {len(params)}"
         )
-    if batch_sizes is not None and int(batch_sizes.sum()) < input.shape[0]:
-        input = input[: int(batch_sizes.sum())]  # as torch: packed rows past the batch sizes' sum are ignored
+    rows = []
+
+    def final_rows():
+        # Computed once a layer op has checked batch_sizes, and shared by every layer.
+        if not rows:
+            rows.append(_final_rows(batch_sizes, input.device))
+        return rows[0]
+
+    if batch_sizes is not None:
+        total = int(batch_sizes.sum())
+        if total < input.shape[0]:
+            input = input[:total]  # as torch: packed rows past the batch sizes' sum are ignored
     layer_input = input
     h_n, c_n = [], []
     for layer in range(num_layers):
@@ -528,7 +538,7 @@ def _stack(mode, input, batch_sizes, h0, c0, params, has_biases, num_layers, dro
                 w[-1] if proj else None,
             )
             out, h, c = _run_direction(
-                mode, layer_input, batch_sizes, h0[k], None if c0 is None else c0[k], weights,
+                mode, layer_input, batch_sizes, final_rows, h0[k], None if c0 is None else c0[k], weights,
                 direction == 1, nonlinearity,
             )
             outputs.append(out)
