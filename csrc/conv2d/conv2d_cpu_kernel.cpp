@@ -596,25 +596,39 @@ void depthwise_weight_grad(const DepthwiseWeightGradArgs& args) {
   }
 }
 
-// V = B^T d B of one 4x4 block, B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]: d[i][j] =
-// load(i, j), element e = 4i + j of V to store(e, value). U is a vector or a scalar.
+// The two nonzero entries (column, coefficient) of row p of the Winograd input transform
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1] (both directions) and of the grad-weight's
+// G' = [1 0; 1/2 1/2; 1/2 -1/2; 0 -1] (WinogradWeightGradArgs).
+struct TwoTerms {
+  int index[2];
+  double coef[2];
+};
+constexpr TwoTerms kInputRows[4] = {{{0, 2}, {1, -1}}, {{1, 2}, {1, 1}}, {{2, 1}, {1, -1}}, {{1, 3}, {1, -1}}};
+constexpr TwoTerms kGradRows[4] = {{{0, 1}, {1, 0}}, {{0, 1}, {0.5, 0.5}}, {{0, 1}, {0.5, -0.5}}, {{0, 1}, {0, -1}}};
+
+// V = B^T d B of one 4x4 block (B^T = kInputRows): d[i][j] = load(i, j), element e = 4i + j
+// of V to store(e, value). U is a vector or a scalar; the coefficients are +-1, so each
+// term is an exact add or subtract once the loops unroll.
 template <class U, class Load, class Store>
 FL_INLINE void winograd_input_tile(const Load& load, const Store& store) {
+  // x or -x for a coefficient of +1 or -1: constants once the loops unroll.
+  const auto signed_sum = [](const TwoTerms& t, U a, U b) {
+    return (t.coef[0] > 0 ? a : -a) + (t.coef[1] > 0 ? b : -b);
+  };
   U r[4][4];
 #pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j) {
-    const U x0 = load(0, j), x1 = load(1, j), x2 = load(2, j), x3 = load(3, j);
-    r[0][j] = x0 - x2;
-    r[1][j] = x1 + x2;
-    r[2][j] = x2 - x1;
-    r[3][j] = x1 - x3;
+  for (int p = 0; p < 4; ++p) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      r[p][j] = signed_sum(kInputRows[p], load(kInputRows[p].index[0], j), load(kInputRows[p].index[1], j));
+    }
   }
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
-    store(4 * i + 0, r[i][0] - r[i][2]);
-    store(4 * i + 1, r[i][1] + r[i][2]);
-    store(4 * i + 2, r[i][2] - r[i][1]);
-    store(4 * i + 3, r[i][1] - r[i][3]);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      store(4 * i + q, signed_sum(kInputRows[q], r[i][kInputRows[q].index[0]], r[i][kInputRows[q].index[1]]));
+    }
   }
 }
 
@@ -748,15 +762,6 @@ bool winograd(const WinogradArgs& args, int64_t unit_begin, int64_t unit_end) {
   if (args.dtype == DType::kFloat64) return winograd_typed<double>(args, unit_begin, unit_end);
   return winograd_typed<float>(args, unit_begin, unit_end);
 }
-
-// The two nonzero entries (column, sign) of row p of B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0;
-// 0 1 0 -1] and of G' = [1 0; 1/2 1/2; 1/2 -1/2; 0 -1] (WinogradWeightGradArgs).
-struct TwoTerms {
-  int index[2];
-  double coef[2];
-};
-constexpr TwoTerms kInputRows[4] = {{{0, 2}, {1, -1}}, {{1, 2}, {1, 1}}, {{2, 1}, {1, -1}}, {{1, 3}, {1, -1}}};
-constexpr TwoTerms kGradRows[4] = {{{0, 1}, {1, 0}}, {{0, 1}, {0.5, 0.5}}, {{0, 1}, {0.5, -0.5}}, {{0, 1}, {0, -1}}};
 
 template <class T>
 void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end) {
