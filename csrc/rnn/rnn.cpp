@@ -458,8 +458,8 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const StepLayou
         recurrent->run(grad_gates_t, gate_width, n, grad_h_rows, output_size, /*accumulate=*/false);
         if (layout.packed) {
           const void* state = from_initial ? at_row.state(h0, output_size, r0) : at_row.step(out, output_size, p, r0);
-          copy_rows(at_row.state(layer_inputs, layer_inputs.size(1), layout.offsets[t] + r0) + input_size * x.element_size(),
-                    layer_inputs.size(1), state, output_size, n, output_size, x);
+          const int64_t ld = layer_inputs.size(1);
+          copy_rows(at_row.step(h_prev, ld, t, r0), ld, state, output_size, n, output_size, x);
         }
       });
     }
