@@ -187,6 +187,7 @@ WINOGRAD_CASES = [
     (3, 64, 128, 16, 16, 1),
     (1, 40, 17, 1, 6, 1),
     (2, 32, 48, 13, 30, (1, 0)),
+    (2, 16, 17, 64, 33, 1),  # 1,088 tiles: grad-weight sums two chunks of 544
 ]
 
 
@@ -276,6 +277,23 @@ def test_results_do_not_depend_on_the_thread_count(name):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert_close_to_oracle(b, a, torch.float64)
+
+
+def test_winograd_grad_weight_is_bitwise_the_same_for_any_thread_count():
+    # Its chunks of tiles (two here) follow the shape, not the thread count.
+    x, weight, bias, kwargs = _winograd_tensors(WINOGRAD_CASES[-1], torch.float32, requires_grad=True)
+    grad = torch.randn(x.shape[0], weight.shape[0], *x.shape[2:])
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(torch.autograd.grad(conv2d(x, weight, bias, **kwargs), (x, weight, bias), grad))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

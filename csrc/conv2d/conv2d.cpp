@@ -707,16 +707,18 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
 }
 
 
-// How many chunks of output pixels a grad-weight pass reduces separately (their partial
-// sums are then added in chunk order). A function of the shape only, never of the
-// thread count: the result is then bitwise the same for any torch.set_num_threads.
-// At least 256 pixels a chunk, at most 32 chunks (enough tasks for 32 threads even
-// for a single row block), and the partials (chunks x `weight_elements`) within
-// 4M elements, so a large layer reduces in one chunk and parallelizes over rows.
-int64_t weight_grad_chunks(int64_t pixels, int64_t weight_elements) {
-  constexpr int64_t kMaxChunks = 32, kMinChunkPixels = 256, kPartialsBudget = int64_t{1} << 22;
-  const int64_t by_memory = kPartialsBudget / std::max<int64_t>(1, weight_elements);
-  return std::max<int64_t>(1, std::min({kMaxChunks, pixels / kMinChunkPixels, by_memory}));
+// How many chunks of `items` (output pixels, or Winograd tiles) a grad-weight pass
+// reduces separately (their partial sums are then added in chunk order). A function of
+// the shape only, never of the thread count: the result is then bitwise the same for
+// any torch.set_num_threads. At least `min_items` a chunk, at most 32 chunks (enough
+// tasks for 32 threads even for a single row block), and the partials (chunks x
+// `weight_elements`) within `partials_budget` elements, so a large layer reduces in one
+// chunk and the direct pass parallelizes over rows.
+int64_t weight_grad_chunks(int64_t items, int64_t weight_elements, int64_t min_items = 256,
+                           int64_t partials_budget = int64_t{1} << 22) {
+  constexpr int64_t kMaxChunks = 32;
+  const int64_t by_memory = partials_budget / std::max<int64_t>(1, weight_elements);
+  return std::max<int64_t>(1, std::min({kMaxChunks, items / min_items, by_memory}));
 }
 
 // Depthwise grad-weight: chunks of output pixels, each reduced by the channel-vectorized
@@ -766,10 +768,14 @@ at::Tensor winograd_weight_grad(const at::Tensor& input, const at::Tensor& grad_
   const at::Tensor grad = place_nhwc(grad_output, 2 * args.tiles_h, 2 * args.tiles_w, 0, 0, 1, 1);
   const int64_t K = g.out_channels, C = g.in_channels;
   args.tiles = g.batch * args.tiles_h * args.tiles_w;
-  int64_t chunks = weight_grad_chunks(args.tiles, 16 * K * C);
+  // Chunks are this pass's only parallelism. Their partials are 16/9 of the weight's
+  // size each and are written and summed once per call: a 4M-element budget (32 chunks
+  // of 16 MiB at B32 C64->128 32x32) page-faulted and summed its way to twice the time
+  // of 8 chunks; 4 and 8 chunks ran the three benchmark layers alike on 2 threads.
+  int64_t chunks = weight_grad_chunks(args.tiles, 16 * K * C, 512, int64_t{1} << 20);
   args.tiles_per_chunk = (args.tiles + chunks - 1) / chunks;
   chunks = (args.tiles + args.tiles_per_chunk - 1) / args.tiles_per_chunk;
-  at::Tensor partials = at::empty({chunks, 16, K, C}, input.options());
+  at::Tensor partials = at::empty({chunks, 16, C, K}, input.options());
   args.image = image.const_data_ptr();
   args.rows = image.size(1);
   args.cols = image.size(2);
@@ -780,19 +786,20 @@ at::Tensor winograd_weight_grad(const at::Tensor& input, const at::Tensor& grad_
   args.dtype = input.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
   const CpuKernels& kernels = conv2d_cpu_kernels_select();
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { kernels.winograd_weight_grad(args, begin, end); });
-  const at::Tensor m = partials.sum(0).contiguous();  // [16][K][C]
+  const at::Tensor m = partials.sum(0).contiguous();  // [16][C][K]
   at::Tensor grad_weight = at::empty({K, C, 3, 3}, input.options());
   bool finite = true;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "winograd_weight_grad", [&] {
     const scalar_t* sums = m.const_data_ptr<scalar_t>();
     scalar_t* out = grad_weight.mutable_data_ptr<scalar_t>();
     const int64_t pairs = K * C;
-    for (int64_t kc = 0; kc < pairs; ++kc) {
+    for (int64_t ck = 0; ck < pairs; ++ck) {
+      const int64_t kc = ck % K * C + ck / K;
       // A^T M A, A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1].
       scalar_t s[3][4];
       for (int q = 0; q < 4; ++q) {
-        const scalar_t m0 = sums[q * pairs + kc], m1 = sums[(4 + q) * pairs + kc];
-        const scalar_t m2 = sums[(8 + q) * pairs + kc], m3 = sums[(12 + q) * pairs + kc];
+        const scalar_t m0 = sums[q * pairs + ck], m1 = sums[(4 + q) * pairs + ck];
+        const scalar_t m2 = sums[(8 + q) * pairs + ck], m3 = sums[(12 + q) * pairs + ck];
         s[0][q] = m0 + m1 + m2;
         s[1][q] = m1 - m2;
         s[2][q] = m1 + m2 + m3;

@@ -597,14 +597,12 @@ void depthwise_weight_grad(const DepthwiseWeightGradArgs& args) {
 }
 
 // The two nonzero entries (column, coefficient) of row p of the Winograd input transform
-// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1] (both directions) and of the grad-weight's
-// G' = [1 0; 1/2 1/2; 1/2 -1/2; 0 -1] (WinogradWeightGradArgs).
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1] (both directions).
 struct TwoTerms {
   int index[2];
   double coef[2];
 };
 constexpr TwoTerms kInputRows[4] = {{{0, 2}, {1, -1}}, {{1, 2}, {1, 1}}, {{2, 1}, {1, -1}}, {{1, 3}, {1, -1}}};
-constexpr TwoTerms kGradRows[4] = {{{0, 1}, {1, 0}}, {{0, 1}, {0.5, 0.5}}, {{0, 1}, {0.5, -0.5}}, {{0, 1}, {0, -1}}};
 
 // V = B^T d B of one 4x4 block (B^T = kInputRows): d[i][j] = load(i, j), element e = 4i + j
 // of V to store(e, value). U is a vector or a scalar; the coefficients are +-1, so each
@@ -763,70 +761,100 @@ bool winograd(const WinogradArgs& args, int64_t unit_begin, int64_t unit_end) {
   return winograd_typed<float>(args, unit_begin, unit_end);
 }
 
+// (G' g G'^T) of one 2x2 grad_output tile, G' = [1 0; 1/2 1/2; 1/2 -1/2; 0 -1] (the
+// grad-weight's filter transform, WinogradWeightGradArgs): g[i][j] = load(i, j), element
+// e = 4p + q of the result to store(e, value). U is a vector of T or T.
+template <class T, class U, class Load, class Store>
+FL_INLINE void winograd_grad_tile(const Load& load, const Store& store) {
+  const auto rows = [](U a, U b, U out[4]) {
+    out[0] = a;
+    out[1] = T(0.5) * (a + b);
+    out[2] = T(0.5) * (a - b);
+    out[3] = -b;
+  };
+  U r[2][4];  // r[j][p] = (G' g)[p][j]
+#pragma GCC unroll 2
+  for (int j = 0; j < 2; ++j) rows(load(0, j), load(1, j), r[j]);
+#pragma GCC unroll 4
+  for (int p = 0; p < 4; ++p) {
+    U y[4];
+    rows(r[0][p], r[1][p], y);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) store(4 * p + q, y[q]);
+  }
+}
+
 template <class T>
 void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end) {
-  // Tiles a block: its two transformed operands ([tiles][ldv], [tiles][K]) stay in L2.
-  constexpr int64_t kBlockTiles = 128;
+  using Vec = typename VecOf<T>::type;
+  constexpr int64_t W = kVecBytes / sizeof(T);
   const int64_t C = args.channels, K = args.out_channels;
-  const int64_t ldv = (C + conv2d::kColumnPad - 1) / conv2d::kColumnPad * conv2d::kColumnPad;
-  const int64_t tiles_per_image = args.tiles_h * args.tiles_w;
+  const int64_t ldu = (K + conv2d::kColumnPad - 1) / conv2d::kColumnPad * conv2d::kColumnPad;
+  const int64_t c_full = C / W * W, k_full = K / W * W;
+  // Tiles a block: the transformed operands of all 16 elements ([16][tiles][C] and
+  // [16][tiles][ldu]) within 1 MiB (this machine's L2 a core), at most the GEMM
+  // micro-kernel's depth block. Measured with 512 KiB, 1 MiB and 2 MiB at B64 C32->64
+  // 16x16, B32 C64->128 32x32 and B8 C128 56x56: 1 MiB as fast or faster on all three.
+  constexpr int64_t kOperandBytes = int64_t{1} << 20, kMaxBlockTiles = 128;
+  const int64_t block_tiles =
+      std::clamp<int64_t>(kOperandBytes / (16 * (C + ldu) * int64_t(sizeof(T))), 16, kMaxBlockTiles);
+  // Between transformed elements, one cache line more than the block: power-of-two
+  // steps sent the 16 stores of a tile to one cache set.
+  const int64_t v_step = block_tiles * C + W, u_step = block_tiles * ldu + conv2d::kColumnPad;
+  const int64_t pixel_row = args.cols * C, grad_cols = 2 * args.tiles_w, grad_row = grad_cols * K;
   const T* image = static_cast<const T*>(args.image);
   const T* grad = static_cast<const T*>(args.grad);
   T* partials = static_cast<T*>(args.partials);
-  std::vector<T> v(static_cast<size_t>(kBlockTiles * ldv)), u(static_cast<size_t>(kBlockTiles * K));
-  std::vector<int64_t> row_offsets(static_cast<size_t>(K)), depth_offsets(static_cast<size_t>(kBlockTiles));
-  for (int64_t k = 0; k < K; ++k) row_offsets[k] = k;
-  for (int64_t t = 0; t < kBlockTiles; ++t) depth_offsets[t] = t * K;
+  std::vector<T> v(static_cast<size_t>(16 * v_step)), u(static_cast<size_t>(16 * u_step));
+  std::vector<int64_t> row_offsets(static_cast<size_t>(C)), depth_offsets(static_cast<size_t>(block_tiles));
+  for (int64_t c = 0; c < C; ++c) row_offsets[c] = c;
+  for (int64_t t = 0; t < block_tiles; ++t) depth_offsets[t] = t * C;
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t first = chunk * args.tiles_per_chunk, last = std::min(args.tiles, first + args.tiles_per_chunk);
-    for (int64_t block = first; block < last; block += kBlockTiles) {
-      const int64_t count = std::min(kBlockTiles, last - block);
-      for (int e = 0; e < 16; ++e) {
-        const TwoTerms& ip = kInputRows[e / 4];
-        const TwoTerms& iq = kInputRows[e % 4];
-        const TwoTerms& gp = kGradRows[e / 4];
-        const TwoTerms& gq = kGradRows[e % 4];
-        for (int64_t t = 0; t < count; ++t) {
-          const int64_t tile = block + t, n = tile / tiles_per_image;
-          const int64_t tile_row = tile % tiles_per_image / args.tiles_w, tile_col = tile % args.tiles_w;
-          // (B^T d B)[p][q]: two input rows, two columns of each.
-          const T* d = image + ((n * args.rows + 2 * tile_row) * args.cols + 2 * tile_col) * C;
-          const T* d00 = d + (ip.index[0] * args.cols + iq.index[0]) * C;
-          const T* d01 = d + (ip.index[0] * args.cols + iq.index[1]) * C;
-          const T* d10 = d + (ip.index[1] * args.cols + iq.index[0]) * C;
-          const T* d11 = d + (ip.index[1] * args.cols + iq.index[1]) * C;
-          const T a00 = T(ip.coef[0] * iq.coef[0]), a01 = T(ip.coef[0] * iq.coef[1]);
-          const T a10 = T(ip.coef[1] * iq.coef[0]), a11 = T(ip.coef[1] * iq.coef[1]);
-          T* vt = v.data() + t * ldv;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) vt[c] = (a00 * d00[c] + a01 * d01[c]) + (a10 * d10[c] + a11 * d11[c]);
-          // (G' g G'^T)[p][q] of the 2x2 grad_output tile.
-          const int64_t grad_cols = 2 * args.tiles_w;
-          const T* g = grad + ((n * 2 * args.tiles_h + 2 * tile_row) * grad_cols + 2 * tile_col) * K;
-          const T* g00 = g + (gp.index[0] * grad_cols + gq.index[0]) * K;
-          const T* g01 = g + (gp.index[0] * grad_cols + gq.index[1]) * K;
-          const T* g10 = g + (gp.index[1] * grad_cols + gq.index[0]) * K;
-          const T* g11 = g + (gp.index[1] * grad_cols + gq.index[1]) * K;
-          const T b00 = T(gp.coef[0] * gq.coef[0]), b01 = T(gp.coef[0] * gq.coef[1]);
-          const T b10 = T(gp.coef[1] * gq.coef[0]), b11 = T(gp.coef[1] * gq.coef[1]);
-          T* ut = u.data() + t * K;
-#pragma omp simd
-          for (int64_t k = 0; k < K; ++k) ut[k] = (b00 * g00[k] + b01 * g01[k]) + (b10 * g10[k] + b11 * g11[k]);
+    for (int64_t block = first; block < last; block += block_tiles) {
+      const int64_t count = std::min(block_tiles, last - block);
+      // The block's 16 (B^T d B) and (G' g G'^T), one tile at a time: each input and
+      // grad_output value is loaded once.
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t tile = block + t, n = tile / (args.tiles_h * args.tiles_w);
+        const int64_t tile_row = tile / args.tiles_w % args.tiles_h, tile_col = tile % args.tiles_w;
+        const T* d = image + ((n * args.rows + 2 * tile_row) * args.cols + 2 * tile_col) * C;
+        T* vt = v.data() + t * C;
+        for (int64_t c = 0; c < c_full; c += W) {
+          winograd_input_tile<Vec>([&](int i, int j) { return load_vec(d + i * pixel_row + j * C + c); },
+                                   [&](int e, Vec x) { store_vec(vt + e * v_step + c, x); });
         }
-        // partials[chunk][e] (+)= U_e^T V_e: rows k, depth the block's tiles, columns c.
+        for (int64_t c = c_full; c < C; ++c) {
+          winograd_input_tile<T>([&](int i, int j) { return d[i * pixel_row + j * C + c]; },
+                                 [&](int e, T x) { vt[e * v_step + c] = x; });
+        }
+        const T* g = grad + ((n * 2 * args.tiles_h + 2 * tile_row) * grad_cols + 2 * tile_col) * K;
+        T* ut = u.data() + t * ldu;
+        for (int64_t k = 0; k < k_full; k += W) {
+          winograd_grad_tile<T, Vec>([&](int i, int j) { return load_vec(g + i * grad_row + j * K + k); },
+                                     [&](int e, Vec x) { store_vec(ut + e * u_step + k, x); });
+        }
+        for (int64_t k = k_full; k < K; ++k) {
+          winograd_grad_tile<T, T>([&](int i, int j) { return g[i * grad_row + j * K + k]; },
+                                   [&](int e, T x) { ut[e * u_step + k] = x; });
+        }
+      }
+      // partials[chunk][e] (+)= V_e^T U_e: rows c, depth the block's tiles, columns k
+      // (K, as wide as C or wider in most layers, fills the wider register tiles).
+      for (int e = 0; e < 16; ++e) {
         OffsetGemmArgs gemm;
-        gemm.a = u.data();
+        gemm.a = v.data() + e * v_step;
         gemm.row_offsets = row_offsets.data();
         gemm.depth_offsets = depth_offsets.data();
         gemm.depth = count;
-        gemm.b = v.data();
-        gemm.ldb = ldv;
-        gemm.c = partials + (chunk * 16 + e) * K * C;
-        gemm.ldc = C;
-        gemm.columns = C;
+        gemm.b = u.data() + e * u_step;
+        gemm.ldb = ldu;
+        gemm.c = partials + (chunk * 16 + e) * C * K;
+        gemm.ldc = K;
+        gemm.columns = K;
         gemm.accumulate = block > first;
         gemm.dtype = args.dtype;
-        offset_gemm_typed<T>(gemm, 0, K);
+        offset_gemm_typed<T>(gemm, 0, C);
       }
     }
   }

@@ -230,18 +230,18 @@ struct WinogradArgs {
 // grad-weight of the same convolutions through Winograd F(3x3, 2x2): each 2x2 tile of
 // grad_output g and the 4x4 input block d under it add A^T [(G' g G'^T) * (B^T d B)] A
 // to the 3x3 weight gradient, B^T as in WinogradArgs, G' = [1 0; 1/2 1/2; 1/2 -1/2;
-// 0 -1], A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1]: 16 GEMMs [K x tiles] x [tiles x C] summed
-// over the tiles, the transforms built one element at a time in blocks of tiles. Chunk
-// j of `tiles_per_chunk` tiles (tiles numbered image by image, row by row) writes its
-// sums of the 16 elements to partials[j] ([16][K][C]); the caller adds the chunks in
-// order and applies A^T . A.
+// 0 -1], A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1]: 16 GEMMs [C x tiles] x [tiles x K] summed
+// over the tiles, both transforms of a block of tiles built a tile at a time (all 16
+// elements from one read of its pixels). Chunk j of `tiles_per_chunk` tiles (tiles
+// numbered image by image, row by row) writes its sums of the 16 elements to
+// partials[j] ([16][C][K]); the caller adds the chunks in order and applies A^T . A.
 struct WinogradWeightGradArgs {
   const void* image = nullptr;  // the input, as WinogradArgs::image
   int64_t rows = 0, cols = 0, channels = 0;
   const void* grad = nullptr;  // grad_output as [N, 2 tiles_h, 2 tiles_w, K] NHWC, zero past the output
   int64_t out_channels = 0;
   int64_t tiles_h = 0, tiles_w = 0, tiles = 0, tiles_per_chunk = 0;
-  void* partials = nullptr;  // [chunks][16][K][C]
+  void* partials = nullptr;  // [chunks][16][C][K]
   DType dtype = DType::kFloat32;
 };
 
