@@ -130,8 +130,9 @@ def test_cell_ops_match_float64_oracle_and_are_no_worse_than_torch(cpu_isa, cell
 # a wide one, steps * batch > 256 (the weight-gradient GEMMs split k into chunks),
 # batches that leave partial 6-row tiles (7, 9 and 13 rows end in two balanced tiles),
 # hidden sizes that leave partial panels, and gate rows 1 KB apart or more (H = 70 in
-# float32, H >= 32 in float64), whose weight gradients take the transposed product.
-LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9), (6, 9, 5, 16), (4, 5, 6, 70)]
+# float32, H >= 32 in float64), whose weight gradients take the transposed product (its
+# result transposed back; at I + H + 1 = 261 its A operand is transposed first, too).
+LAYER_GEMM_SHAPES = [(40, 7, 3, 37), (5, 13, 70, 20), (3, 1, 33, 9), (6, 9, 5, 16), (4, 5, 6, 70), (2, 3, 190, 70)]
 
 
 def _contractive_layer_args(kind, shape):

@@ -21,6 +21,7 @@
 #include <cstring>
 
 #include "common/cpu_scalar.h"
+#include "common/cpu_transpose.h"
 #include "rnn/rnn_kernel.h"
 
 namespace fastlayers::FL_CPU_NS {
@@ -385,9 +386,17 @@ void backward(const BackwardArgs& args, int64_t begin, int64_t end) {
   });
 }
 
+void transpose(DType dtype, const void* src, int64_t lds, int64_t rows, int64_t cols, void* dst, int64_t ldd) {
+  if (dtype == DType::kFloat64) {
+    transpose_block(static_cast<const double*>(src), lds, rows, cols, static_cast<double*>(dst), ldd);
+  } else {
+    transpose_block(static_cast<const float*>(src), lds, rows, cols, static_cast<float*>(dst), ldd);
+  }
+}
+
 }  // namespace
 
 extern const rnn::CpuKernels rnn_cpu_kernels;
-const rnn::CpuKernels rnn_cpu_kernels = {&forward, &backward, &gemm_panel_width, &pack_b, &gemm};
+const rnn::CpuKernels rnn_cpu_kernels = {&forward, &backward, &gemm_panel_width, &pack_b, &gemm, &transpose};
 
 }  // namespace fastlayers::FL_CPU_NS

@@ -79,6 +79,9 @@ struct CpuKernels {
   // ceil(n / width) * k * width elements of `dtype` (kFloat32 or kFloat64).
   void (*pack_b)(DType dtype, const void* b, int64_t k, int64_t n, int64_t stride_k, int64_t stride_n, void* packed);
   void (*gemm)(const GemmArgs& args, int64_t task_begin, int64_t task_end);
+  // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (`dtype` kFloat32 or
+  // kFloat64); the caller splits large transposes over threads by destination rows.
+  void (*transpose)(DType dtype, const void* src, int64_t lds, int64_t rows, int64_t cols, void* dst, int64_t ldd);
 };
 
 #if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
