@@ -750,8 +750,11 @@ class PackedStepMatmul final : public StepMatmul {
     args.n = n_;
     args.k = k_;
     // Split the rows between the threads too: a thin n (the backward's dz W_hh has
-    // n = hidden) leaves too few panels to share.
-    const int64_t rows_per_thread = (args.m + at::get_num_threads() - 1) / at::get_num_threads();
+    // n = hidden) leaves too few panels to share. Inside a parallel region (the layer
+    // loops' rows per thread) the tasks run on this thread: one block of all rows
+    // reads each panel of B once per step instead of once per block.
+    const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+    const int64_t rows_per_thread = (args.m + threads - 1) / threads;
     args.row_block = std::max<int64_t>(6, (rows_per_thread + 5) / 6 * 6);
     args.accumulate = accumulate;
     if (args.m == 0 || args.n == 0) return;
