@@ -41,6 +41,7 @@ using attention::ForwardArgs;
 using attention::Inputs;
 using attention::kBlockK;
 using attention::kBlockQ;
+using attention::kForwardBlockK;
 using attention::RowStrides;
 using cpu::compute_t;
 using cpu::load;
@@ -396,22 +397,22 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
   const T scale = dims.scale;
 
   using W = Workspace<T>;
-  W ws(W::size_of(E * kBlockQ) + W::size_of(kBlockK * Ep) + W::size_of(kBlockK * Evp) +
-       W::size_of(kBlockK * kBlockQ) + W::size_of(kBlockQ * Evp) + 6 * W::size_of(kBlockQ) +
-       (in.dropout.enabled ? W::size_of(kBlockK * kBlockQ) : 0));
+  W ws(W::size_of(E * kBlockQ) + W::size_of(kForwardBlockK * Ep) + W::size_of(kForwardBlockK * Evp) +
+       W::size_of(kForwardBlockK * kBlockQ) + W::size_of(kBlockQ * Evp) + 6 * W::size_of(kBlockQ) +
+       (in.dropout.enabled ? W::size_of(kForwardBlockK * kBlockQ) : 0));
   if (!ws.ok()) throw std::bad_alloc();
-  T* qt_tile = ws.take(E * kBlockQ);       // Q^T [E][queries]
-  T* k_tile = ws.take(kBlockK * Ep);       // K [keys][Ep]
-  T* v_tile = ws.take(kBlockK * Evp);      // V [keys][Evp]
-  T* st_tile = ws.take(kBlockK * kBlockQ); // S^T, then P^T
-  T* o_acc = ws.take(kBlockQ * Evp);       // unnormalized O
+  T* qt_tile = ws.take(E * kBlockQ);               // Q^T [E][queries]
+  T* k_tile = ws.take(kForwardBlockK * Ep);        // K [keys][Ep]
+  T* v_tile = ws.take(kForwardBlockK * Evp);       // V [keys][Evp]
+  T* st_tile = ws.take(kForwardBlockK * kBlockQ);  // S^T, then P^T
+  T* o_acc = ws.take(kBlockQ * Evp);               // unnormalized O
   T* row_max = ws.take(kBlockQ);
   T* row_sum = ws.take(kBlockQ);
   T* new_max = ws.take(kBlockQ);
   T* tile_sum = ws.take(kBlockQ);
   T* alpha = ws.take(kBlockQ);
   T* shift = ws.take(kBlockQ);  // the row maximum, 0 for a row that has seen no key
-  T* drop_tile = in.dropout.enabled ? ws.take(kBlockK * kBlockQ) : nullptr;  // dropout factors [keys][queries]
+  T* drop_tile = in.dropout.enabled ? ws.take(kForwardBlockK * kBlockQ) : nullptr;  // dropout factors [keys][queries]
 
   const S* query = static_cast<const S*>(in.query);
   const S* key = static_cast<const S*>(in.key);
@@ -434,8 +435,8 @@ void forward_typed(const ForwardArgs& args, int64_t begin, int64_t end) {
     const S* v_head = value + b * in.v.batch + hk * in.v.head;
     const int64_t kv_end = visible_keys(in, i0, nq);
 
-    for (int64_t j0 = 0; j0 < kv_end; j0 += kBlockK) {
-      const int64_t nk = std::min(kBlockK, kv_end - j0);
+    for (int64_t j0 = 0; j0 < kv_end; j0 += kForwardBlockK) {
+      const int64_t nk = std::min(kForwardBlockK, kv_end - j0);
       const int64_t Mk = round_up(nk, kRowsPerPanel);
       // K is read Mk rows deep (A of S^T), V exactly Evp wide (B of P V).
       const Operand<T> k_rows = operand_rows(k_head + j0 * in.k.row, in.k.row, nk, E, j0 + Mk <= sh.kv_len, k_tile, Ep);
