@@ -563,6 +563,23 @@ FL_INLINE void winograd_input_tile(const Load& load, const Store& store) {
   }
 }
 
+// B^T d B of the 4x4 block at d (pixel rows `pixel_row` elements apart, pixels C apart,
+// channels contiguous) for all C channels: element e of channel c to vt[e * v_step + c].
+template <class T>
+FL_INLINE void winograd_input_channels(const T* d, int64_t pixel_row, int64_t C, T* vt, int64_t v_step) {
+  using Vec = typename VecOf<T>::type;
+  constexpr int64_t W = kVecBytes / sizeof(T);
+  const int64_t c_full = C / W * W;
+  for (int64_t c = 0; c < c_full; c += W) {
+    winograd_input_tile<Vec>([&](int i, int j) { return load_vec(d + i * pixel_row + j * C + c); },
+                             [&](int e, Vec x) { store_vec(vt + e * v_step + c, x); });
+  }
+  for (int64_t c = c_full; c < C; ++c) {
+    winograd_input_tile<T>([&](int i, int j) { return d[i * pixel_row + j * C + c]; },
+                           [&](int e, T x) { vt[e * v_step + c] = x; });
+  }
+}
+
 // Y = A^T M A + bias of one tile, A^T = [1 1 1 0; 0 1 -1 -1]: M[e] = load(e), y[i][j] the
 // output pixel (i, j) of the tile.
 template <class U, class Load>
@@ -603,7 +620,7 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
   const int64_t max_rows = (args.tiles_h + units_per_image - 1) / units_per_image;
   const int64_t tiles_w = args.tiles_w, max_tiles = max_rows * tiles_w;
   const int64_t v_step = unaliased_step<T>(max_tiles * C), m_step = unaliased_step<T>(max_tiles * ldw);
-  const int64_t c_full = C / W * W, k_full = K / W * W;
+  const int64_t k_full = K / W * W;
   const T* image = static_cast<const T*>(args.image);
   const T* weight = static_cast<const T*>(args.weight);
   const T* bias = static_cast<const T*>(args.bias);
@@ -628,16 +645,7 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t tile_row = tile_row0 + t / tiles_w, tile_col = t % tiles_w;
       const T* d = image + ((n * args.rows + 2 * tile_row) * args.cols + 2 * tile_col) * C;
-      const int64_t pixel_row = args.cols * C;
-      T* vt = v.data() + t * C;
-      for (int64_t c = 0; c < c_full; c += W) {
-        winograd_input_tile<Vec>([&](int i, int j) { return load_vec(d + i * pixel_row + j * C + c); },
-                                 [&](int e, Vec x) { store_vec(vt + e * v_step + c, x); });
-      }
-      for (int64_t c = c_full; c < C; ++c) {
-        winograd_input_tile<T>([&](int i, int j) { return d[i * pixel_row + j * C + c]; },
-                               [&](int e, T x) { vt[e * v_step + c] = x; });
-      }
+      winograd_input_channels(d, args.cols * C, C, v.data() + t * C, v_step);
     }
     // M_e = V_e U_e for the 16 elements e of the transformed tile.
     for (int e = 0; e < 16; ++e) {
@@ -736,7 +744,7 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
   constexpr int64_t W = kVecBytes / sizeof(T);
   const int64_t C = args.channels, K = args.out_channels;
   const int64_t ldu = (K + conv2d::kColumnPad - 1) / conv2d::kColumnPad * conv2d::kColumnPad;
-  const int64_t c_full = C / W * W, k_full = K / W * W;
+  const int64_t k_full = K / W * W;
   // Tiles a block: the transformed operands of all 16 elements ([16][tiles][C] and
   // [16][tiles][ldu]) within 1 MiB (this machine's L2 a core), at most the GEMM
   // micro-kernel's depth block. Measured with 512 KiB, 1 MiB and 2 MiB at B64 C32->64
@@ -763,15 +771,7 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
         const int64_t tile = block + t, n = tile / (args.tiles_h * args.tiles_w);
         const int64_t tile_row = tile / args.tiles_w % args.tiles_h, tile_col = tile % args.tiles_w;
         const T* d = image + ((n * args.rows + 2 * tile_row) * args.cols + 2 * tile_col) * C;
-        T* vt = v.data() + t * C;
-        for (int64_t c = 0; c < c_full; c += W) {
-          winograd_input_tile<Vec>([&](int i, int j) { return load_vec(d + i * pixel_row + j * C + c); },
-                                   [&](int e, Vec x) { store_vec(vt + e * v_step + c, x); });
-        }
-        for (int64_t c = c_full; c < C; ++c) {
-          winograd_input_tile<T>([&](int i, int j) { return d[i * pixel_row + j * C + c]; },
-                                 [&](int e, T x) { vt[e * v_step + c] = x; });
-        }
+        winograd_input_channels(d, pixel_row, C, v.data() + t * C, v_step);
         const T* g = grad + ((n * 2 * args.tiles_h + 2 * tile_row) * grad_cols + 2 * tile_col) * K;
         T* ut = u.data() + t * ldu;
         for (int64_t k = 0; k < k_full; k += W) {
