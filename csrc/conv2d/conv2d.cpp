@@ -24,8 +24,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -440,8 +440,9 @@ at::Tensor from_nhwc(const at::Tensor& nhwc, bool channels_last) {
 // Winograd F(2x2, 3x3) (WinogradArgs in conv2d_kernel.h) runs the forward of 3x3,
 // stride-1, undilated, ungrouped convolutions with at least 16 input and output channels:
 // 16 multiply-adds per 2x2 output pixels and channel pair instead of 36 (B32 C64->128
-// 32x32 NCHW: 8.1-8.3 ms instead of the direct pass's 12.2; the GEMMs run near the FMA
-// peak, the transforms and layout passes take the rest). Fewer channels would leave
+// 32x32 NCHW: 7.5-8.0 ms instead of the direct pass's 12.2; the GEMMs, at ~74% of the
+// FMA peak with 32-64 input channels as their depth, take ~70% of it, the transforms
+// and layout passes the rest). Fewer channels would leave
 // the transforms a larger share than the GEMMs save. Its float32 rounding error was
 // 0.5-1.0x torch's (direct, oneDNN) on five shapes measured against float64 (the tests
 // allow 2x).
@@ -454,9 +455,12 @@ bool winograd_applies(const Geometry& g) {
 // U[4a + b][c][k] = (G w[k][c] G^T)[a][b], G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1],
 // computed in double and rounded once, packed as the 16 GEMMs' B operands [16][C][ldw].
 // A plain loop: through ATen (two products, permutes, padding) it took ~4% of the B32
-// C64->128 32x32 forward.
-at::Tensor winograd_weight(const at::Tensor& weight) {
-  const int64_t K = weight.size(0), C = weight.size(1), ldw = round_up(std::max<int64_t>(K, 1), kColumnPad);
+// C64->128 32x32 forward. `for_grad_input`: the transform of the grad-input's weight,
+// w[c][k] flipped in both taps, read in place (the flipped copy it replaces took ~18 us
+// a call in torch's profiler).
+at::Tensor winograd_weight(const at::Tensor& weight, bool for_grad_input = false) {
+  const int64_t K = weight.size(for_grad_input ? 1 : 0), C = weight.size(for_grad_input ? 0 : 1);
+  const int64_t ldw = round_up(std::max<int64_t>(K, 1), kColumnPad);
   at::Tensor u = at::zeros({16, C, ldw}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "winograd_weight", [&] {
     const auto w = weight.accessor<scalar_t, 4>();
@@ -464,9 +468,12 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
     at::parallel_for(0, K * C, 512, [&](int64_t begin, int64_t end) {
       for (int64_t kc = begin; kc < end; ++kc) {
         const int64_t k = kc / C, c = kc % C;
+        const auto tap = [&](int i, int j) -> double {
+          return for_grad_input ? w[c][k][2 - i][2 - j] : w[k][c][i][j];
+        };
         double gw[4][3];  // G w
         for (int j = 0; j < 3; ++j) {
-          const double w0 = w[k][c][0][j], w1 = w[k][c][1][j], w2 = w[k][c][2][j];
+          const double w0 = tap(0, j), w1 = tap(1, j), w2 = tap(2, j);
           gw[0][j] = w0;
           gw[1][j] = 0.5 * (w0 + w1 + w2);
           gw[2][j] = 0.5 * (w0 - w1 + w2);
@@ -483,16 +490,16 @@ at::Tensor winograd_weight(const at::Tensor& weight) {
   return u;
 }
 
-// The forward through Winograd, or an undefined tensor when a value came out non-finite
-// (the direct pass then gives torch's answer for infs and NaNs).
-at::Tensor winograd_forward(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+// The forward through Winograd with the transformed weight u (winograd_weight), or an
+// undefined tensor when a value came out non-finite (the direct pass then gives torch's
+// answer for infs and NaNs).
+at::Tensor winograd_forward(const at::Tensor& input, const at::Tensor& u, const std::optional<at::Tensor>& bias,
                             const Geometry& g, bool relu, bool channels_last) {
   WinogradArgs args;
   args.tiles_h = (g.out_h + 1) / 2;
   args.tiles_w = (g.out_w + 1) / 2;
   const at::Tensor image =
       place_nhwc(input, 2 * args.tiles_h + 2, 2 * args.tiles_w + 2, g.pad_h, g.pad_w, 1, 1);
-  const at::Tensor u = winograd_weight(weight);
   const at::Tensor b = bias.has_value() ? pad_columns(bias->reshape({1, 1, g.out_channels})).view({-1}) : at::Tensor();
   at::Tensor out = channels_last
                        ? at::empty({g.batch, g.out_h, g.out_w, g.out_channels}, input.options()).permute({0, 3, 1, 2})
@@ -532,7 +539,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
   std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(to_compute(*bias)) : std::nullopt;
   const at::Tensor x = to_compute(input), w = to_compute(weight);
   if (winograd_applies(g)) {
-    const at::Tensor out = winograd_forward(x, w, b, g, relu, channels_last);
+    const at::Tensor out = winograd_forward(x, winograd_weight(w), b, g, relu, channels_last);
     if (out.defined()) return out.to(input.scalar_type());
   }
   return run_pass(forward_pass(x, w, b, g, relu), channels_last).to(input.scalar_type());
@@ -681,7 +688,7 @@ at::Tensor winograd_grad_input(const at::Tensor& go, const at::Tensor& weight, c
   t.pad_w = 2 - g.pad_w;
   if (g.pad_h > 2 || g.pad_w > 2 || !winograd_applies(t)) return at::Tensor();
   const bool channels_last = go.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  return winograd_forward(go, weight.flip({2, 3}).transpose(0, 1), std::nullopt, t, false, channels_last);
+  return winograd_forward(go, winograd_weight(weight, /*for_grad_input=*/true), std::nullopt, t, false, channels_last);
 }
 
 at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,

@@ -209,9 +209,8 @@ FL_HOST_DEVICE Acc edge_grad_input_sum(const EdgeGeometry& e, int64_t ih, int64_
 // 16 independent GEMMs [tiles x C] x [C x K], one per element of the 4x4 transformed tile
 // (the offset-GEMM micro-kernel). A unit of work is one of `units_per_image` equal runs
 // of tile rows of one image: the input transform into a [16][tiles][C] block, the 16
-// GEMMs, then the output
-// transform with the bias and the ReLU, into NHWC rows or, for NCHW, through an NHWC block
-// transposed into the planes.
+// GEMMs, then the output transform with the bias and the ReLU, into NHWC rows or, for
+// NCHW, through an NHWC block transposed into the planes.
 struct WinogradArgs {
   const void* image = nullptr;  // [N, rows, cols, C] zero-padded NHWC: rows >= 2 tiles_h + 2, cols >= 2 tiles_w + 2
   int64_t rows = 0, cols = 0, channels = 0;
