@@ -274,43 +274,47 @@ void max_pool_2x2(const PoolArgs& args, int64_t window_begin, int64_t window_end
 // strided); with AVX-512 a 16 x 16 float block moves as 16 vector loads, 64 shuffles
 // and 16 vector stores (transpose_block, common/cpu_transpose.h).
 
+// Row `row` of image n of the placed image (PlaceArgs) into out[cols * dst_channels].
 template <class T>
-void place_image_typed(const PlaceArgs& args, int64_t row_begin, int64_t row_end) {
+void place_row(const PlaceArgs& args, int64_t n, int64_t row, T* out) {
   const T* src = static_cast<const T*>(args.src);
-  T* dst = static_cast<T*>(args.dst);
-  const int64_t row_len = args.cols * args.dst_channels;
   // Channels a sweep handles: their source rows stay in L1 while the columns advance.
   constexpr int64_t kChannelChunk = 16;
+  std::memset(out, 0, size_t(args.cols * args.dst_channels) * sizeof(T));
+  const int64_t di = row - args.top;
+  if (di < 0 || di % args.step_h != 0 || di / args.step_h >= args.height) return;
+  const T* in = src + n * args.src_stride[0] + (di / args.step_h) * args.src_stride[2];
+  const int64_t first_j = args.left >= 0 ? 0 : (-args.left + args.step_w - 1) / args.step_w;
+  int64_t end_j = args.left >= args.cols ? 0 : (args.cols - 1 - args.left) / args.step_w + 1;
+  end_j = std::min(end_j, args.width);
+  if (args.src_stride[1] == 1) {  // channels contiguous (channels_last): copy pixel by pixel
+    for (int64_t j = first_j; j < end_j; ++j) {
+      std::memcpy(out + (args.left + j * args.step_w) * args.dst_channels, in + j * args.src_stride[3],
+                  size_t(args.channels) * sizeof(T));
+    }
+    return;
+  }
+  if (args.src_stride[3] == 1 && end_j > first_j) {  // NCHW rows: [channels x columns] -> [columns x channels]
+    transpose_block(in + first_j, args.src_stride[1], args.channels, end_j - first_j,
+                    out + (args.left + first_j * args.step_w) * args.dst_channels, args.step_w * args.dst_channels);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < args.channels; c0 += kChannelChunk) {
+    const int64_t c1 = std::min(args.channels, c0 + kChannelChunk);
+    for (int64_t j = first_j; j < end_j; ++j) {
+      T* o = out + (args.left + j * args.step_w) * args.dst_channels;
+      const T* i = in + j * args.src_stride[3];
+      for (int64_t c = c0; c < c1; ++c) o[c] = i[c * args.src_stride[1]];
+    }
+  }
+}
+
+template <class T>
+void place_image_typed(const PlaceArgs& args, int64_t row_begin, int64_t row_end) {
+  T* dst = static_cast<T*>(args.dst);
+  const int64_t row_len = args.cols * args.dst_channels;
   for (int64_t image_row = row_begin; image_row < row_end; ++image_row) {
-    const int64_t n = image_row / args.rows, row = image_row % args.rows;
-    T* out = dst + image_row * row_len;
-    std::memset(out, 0, size_t(row_len) * sizeof(T));
-    const int64_t di = row - args.top;
-    if (di < 0 || di % args.step_h != 0 || di / args.step_h >= args.height) continue;
-    const T* in = src + n * args.src_stride[0] + (di / args.step_h) * args.src_stride[2];
-    const int64_t first_j = args.left >= 0 ? 0 : (-args.left + args.step_w - 1) / args.step_w;
-    int64_t end_j = args.left >= args.cols ? 0 : (args.cols - 1 - args.left) / args.step_w + 1;
-    end_j = std::min(end_j, args.width);
-    if (args.src_stride[1] == 1) {  // channels contiguous (channels_last): copy pixel by pixel
-      for (int64_t j = first_j; j < end_j; ++j) {
-        std::memcpy(out + (args.left + j * args.step_w) * args.dst_channels, in + j * args.src_stride[3],
-                    size_t(args.channels) * sizeof(T));
-      }
-      continue;
-    }
-    if (args.src_stride[3] == 1 && end_j > first_j) {  // NCHW rows: [channels x columns] -> [columns x channels]
-      transpose_block(in + first_j, args.src_stride[1], args.channels, end_j - first_j,
-                      out + (args.left + first_j * args.step_w) * args.dst_channels, args.step_w * args.dst_channels);
-      continue;
-    }
-    for (int64_t c0 = 0; c0 < args.channels; c0 += kChannelChunk) {
-      const int64_t c1 = std::min(args.channels, c0 + kChannelChunk);
-      for (int64_t j = first_j; j < end_j; ++j) {
-        T* o = out + (args.left + j * args.step_w) * args.dst_channels;
-        const T* i = in + j * args.src_stride[3];
-        for (int64_t c = c0; c < c1; ++c) o[c] = i[c * args.src_stride[1]];
-      }
-    }
+    place_row(args, image_row / args.rows, image_row % args.rows, dst + image_row * row_len);
   }
 }
 
@@ -621,11 +625,16 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
   const int64_t tiles_w = args.tiles_w, max_tiles = max_rows * tiles_w;
   const int64_t v_step = unaliased_step<T>(max_tiles * C), m_step = unaliased_step<T>(max_tiles * ldw);
   const int64_t k_full = K / W * W;
-  const T* image = static_cast<const T*>(args.image);
   const T* weight = static_cast<const T*>(args.weight);
   const T* bias = static_cast<const T*>(args.bias);
   T* out = static_cast<T*>(args.out);
   std::vector<T> v(static_cast<size_t>(16 * v_step)), m(static_cast<size_t>(16 * m_step));
+  // A unit's padded input rows [2 tile_row0, 2 tile_row1 + 2), placed here (NHWC) rather
+  // than the whole batch beforehand: the rows stay in L1/L2 between their placement and
+  // the input transform, and no batch-sized image goes through L3 and back.
+  const int64_t row_len = args.input.cols * C;
+  std::vector<T> rows(static_cast<size_t>((2 * max_rows + 2) * row_len));
+  int64_t placed_n = -1, placed_first = 0, placed_end = 0;  // rows [first, end) of image n are in `rows`
   // NCHW: the unit's output rows as NHWC, then transposed into the planes. Pixels past
   // the output's last row or column (odd sizes) go to a discarded row.
   std::vector<T> block(args.nchw ? static_cast<size_t>(2 * max_rows * args.out_w * ldw) : 0);
@@ -642,10 +651,18 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
     const int64_t tile_row0 = run * args.tiles_h / units_per_image;
     const int64_t tile_row1 = (run + 1) * args.tiles_h / units_per_image;
     const int64_t tiles = (tile_row1 - tile_row0) * tiles_w;
+    const int64_t first = 2 * tile_row0, end = 2 * tile_row1 + 2;
+    int64_t from = first;
+    if (placed_n == n && placed_first <= first && first < placed_end) {  // the previous unit's last rows
+      std::memmove(rows.data(), rows.data() + (first - placed_first) * row_len,
+                   size_t((placed_end - first) * row_len) * sizeof(T));
+      from = placed_end;
+    }
+    for (int64_t r = from; r < end; ++r) place_row(args.input, n, r, rows.data() + (r - first) * row_len);
+    placed_n = n, placed_first = first, placed_end = end;
     for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t tile_row = tile_row0 + t / tiles_w, tile_col = t % tiles_w;
-      const T* d = image + ((n * args.rows + 2 * tile_row) * args.cols + 2 * tile_col) * C;
-      winograd_input_channels(d, args.cols * C, C, v.data() + t * C, v_step);
+      const T* d = rows.data() + (2 * (t / tiles_w) * args.input.cols + 2 * (t % tiles_w)) * C;
+      winograd_input_channels(d, row_len, C, v.data() + t * C, v_step);
     }
     // M_e = V_e U_e for the 16 elements e of the transformed tile.
     for (int e = 0; e < 16; ++e) {
@@ -753,11 +770,14 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
   const int64_t block_tiles =
       std::clamp<int64_t>(kOperandBytes / (16 * (C + ldu) * int64_t(sizeof(T))), 16, kMaxBlockTiles);
   const int64_t v_step = unaliased_step<T>(block_tiles * C), u_step = unaliased_step<T>(block_tiles * ldu);
-  const int64_t pixel_row = args.cols * C, grad_cols = 2 * args.tiles_w, grad_row = grad_cols * K;
-  const T* image = static_cast<const T*>(args.image);
-  const T* grad = static_cast<const T*>(args.grad);
   T* partials = static_cast<T*>(args.partials);
   std::vector<T> v(static_cast<size_t>(16 * v_step)), u(static_cast<size_t>(16 * u_step));
+  // The current tile row's 4 padded input rows and 2 grad_output rows, placed here as
+  // NHWC (as the forward's units place theirs); the next tile row of the same image keeps
+  // the 2 input rows it shares.
+  const int64_t pixel_row = args.input.cols * C, grad_row = args.grad.cols * K;
+  std::vector<T> in_rows(static_cast<size_t>(4 * pixel_row)), grad_rows(static_cast<size_t>(2 * grad_row));
+  int64_t placed_n = -1, placed_tile_row = -1;
   std::vector<int64_t> row_offsets(static_cast<size_t>(C)), depth_offsets(static_cast<size_t>(block_tiles));
   for (int64_t c = 0; c < C; ++c) row_offsets[c] = c;
   for (int64_t t = 0; t < block_tiles; ++t) depth_offsets[t] = t * C;
@@ -770,9 +790,18 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
       for (int64_t t = 0; t < count; ++t) {
         const int64_t tile = block + t, n = tile / (args.tiles_h * args.tiles_w);
         const int64_t tile_row = tile / args.tiles_w % args.tiles_h, tile_col = tile % args.tiles_w;
-        const T* d = image + ((n * args.rows + 2 * tile_row) * args.cols + 2 * tile_col) * C;
-        winograd_input_channels(d, pixel_row, C, v.data() + t * C, v_step);
-        const T* g = grad + ((n * 2 * args.tiles_h + 2 * tile_row) * grad_cols + 2 * tile_col) * K;
+        if (n != placed_n || tile_row != placed_tile_row) {
+          int64_t from = 0;
+          if (n == placed_n && tile_row == placed_tile_row + 1) {
+            std::memmove(in_rows.data(), in_rows.data() + 2 * pixel_row, size_t(2 * pixel_row) * sizeof(T));
+            from = 2;
+          }
+          for (int64_t r = from; r < 4; ++r) place_row(args.input, n, 2 * tile_row + r, in_rows.data() + r * pixel_row);
+          for (int64_t r = 0; r < 2; ++r) place_row(args.grad, n, 2 * tile_row + r, grad_rows.data() + r * grad_row);
+          placed_n = n, placed_tile_row = tile_row;
+        }
+        winograd_input_channels(in_rows.data() + 2 * tile_col * C, pixel_row, C, v.data() + t * C, v_step);
+        const T* g = grad_rows.data() + 2 * tile_col * K;
         T* ut = u.data() + t * ldu;
         for (int64_t k = 0; k < k_full; k += W) {
           winograd_grad_tile<T, Vec>([&](int i, int j) { return load_vec(g + i * grad_row + j * K + k); },

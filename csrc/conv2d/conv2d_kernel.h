@@ -208,12 +208,15 @@ FL_HOST_DEVICE Acc edge_grad_input_sum(const EdgeGeometry& e, int64_t ih, int64_
 // so the 36 multiply-adds of a tile and a (input, output) channel pair become 16, run as
 // 16 independent GEMMs [tiles x C] x [C x K], one per element of the 4x4 transformed tile
 // (the offset-GEMM micro-kernel). A unit of work is one of `units_per_image` equal runs
-// of tile rows of one image: the input transform into a [16][tiles][C] block, the 16
-// GEMMs, then the output transform with the bias and the ReLU, into NHWC rows or, for
-// NCHW, through an NHWC block transposed into the planes.
+// of tile rows of one image: its padded input rows placed as NHWC, the input transform
+// into a [16][tiles][C] block, the 16 GEMMs, then the output transform with the bias and
+// the ReLU, into NHWC rows or, for NCHW, through an NHWC block transposed into the planes.
 struct WinogradArgs {
-  const void* image = nullptr;  // [N, rows, cols, C] zero-padded NHWC: rows >= 2 tiles_h + 2, cols >= 2 tiles_w + 2
-  int64_t rows = 0, cols = 0, channels = 0;
+  // The input as the zero-padded NHWC image it describes (dst unused: the kernel places
+  // each unit's rows itself): rows >= 2 tiles_h + 2, cols >= 2 tiles_w + 2, dst_channels
+  // = channels.
+  PlaceArgs input;
+  int64_t channels = 0;
   const void* weight = nullptr;  // U = G w G^T as [16][C][ldw], columns K.. zero
   int64_t ldw = 0;               // a multiple of kColumnPad, >= out_channels
   int64_t out_channels = 0;
@@ -235,9 +238,9 @@ struct WinogradArgs {
 // numbered image by image, row by row) writes its sums of the 16 elements to
 // partials[j] ([16][C][K]); the caller adds the chunks in order and applies A^T . A.
 struct WinogradWeightGradArgs {
-  const void* image = nullptr;  // the input, as WinogradArgs::image
-  int64_t rows = 0, cols = 0, channels = 0;
-  const void* grad = nullptr;  // grad_output as [N, 2 tiles_h, 2 tiles_w, K] NHWC, zero past the output
+  PlaceArgs input;  // as WinogradArgs::input
+  int64_t channels = 0;
+  PlaceArgs grad;  // grad_output as the [N, 2 tiles_h, 2 tiles_w, K] NHWC image (zero past the output)
   int64_t out_channels = 0;
   int64_t tiles_h = 0, tiles_w = 0, tiles = 0, tiles_per_chunk = 0;
   void* partials = nullptr;  // [chunks][16][C][K]
