@@ -65,7 +65,18 @@ def _count(name: str) -> None:
 
 # Per-dtype tolerances against the reference run in the same dtype: the kernels sum in a
 # different order (and float32 GEMMs use FMA), so float32 allows some rounding growth.
+# The absolute part scales with the tensor's largest value (`_assert_close`): a sum's
+# rounding error follows the size of its terms, so an output near zero among outputs of
+# size 60 (a 3x3 convolution over 36 channels of unit normals) differs by ~2e-5 between
+# two correct float32 orders.
 _TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+def _assert_close(actual, expected, dtype, msg):
+    finite = expected[torch.isfinite(expected)]
+    scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    tol = _TOL[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=lambda m: f"{msg}\n{m}")
 dtypes = st.sampled_from([torch.float32, torch.float64])
 
 
@@ -110,13 +121,13 @@ def _compare(run, leaves, dtype, what):
     assert len(out) == len(ref_out)
     for i, (a, e) in enumerate(zip(out, ref_out)):
         assert a.shape == e.shape, f"{what}: output {i} shape {a.shape} vs reference {e.shape}"
-        torch.testing.assert_close(a, e, **_TOL[dtype], msg=lambda m: f"{what}: output {i}\n{m}")
+        _assert_close(a, e, dtype, f"{what}: output {i}")
     for i, (a, e) in enumerate(zip(grads, ref_grads)):
         if a is None and e is None:
             continue
         a = torch.zeros_like(leaves[i]) if a is None else a
         e = torch.zeros_like(leaves[i]) if e is None else e
-        torch.testing.assert_close(a, e, **_TOL[dtype], msg=lambda m: f"{what}: gradient of leaf {i}\n{m}")
+        _assert_close(a, e, dtype, f"{what}: gradient of leaf {i}")
 
 
 def _leaf(shape, dtype):
