@@ -172,6 +172,14 @@ constexpr std::array<std::array<TileFn, kMaxRows>, kMaxVectors> tile_table(std::
 template <class T>
 constexpr auto kTiles = tile_table<T>(std::make_index_sequence<kMaxVectors>{});
 
+// Rows of the next register tile with `left` rows to go: a short remainder shares the
+// last full tile's rows (6 + 2 -> 4 + 4), as a 2-row tile has too few accumulators to
+// keep the FMA pipes busy.
+inline int64_t tile_rows(int64_t left, int64_t rows_per_tile) {
+  return left > rows_per_tile && left < rows_per_tile + rows_per_tile / 2 ? (left + 1) / 2
+                                                                           : std::min(rows_per_tile, left);
+}
+
 template <class T>
 void offset_gemm_typed(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end) {
   constexpr int W = kVecBytes / sizeof(T);
@@ -185,17 +193,13 @@ void offset_gemm_typed(const OffsetGemmArgs& args, int64_t row_begin, int64_t ro
   for (int64_t col = 0; col < args.columns; col += kMaxVectors * W) {
     const int64_t tile_columns = std::min<int64_t>(kMaxVectors * W, args.columns - col);
     const int vectors = int((tile_columns + W - 1) / W);
-    const int rows_per_tile = max_rows(vectors);
+    const int64_t rows_per_tile = max_rows(vectors);
     int64_t depth_begin = 0;
     do {  // runs once when depth == 0: C = bias (or 0)
       const int64_t depth = std::min(kDepthBlock, args.depth - depth_begin);
       const bool last = depth_begin + depth == args.depth;
       for (int64_t row = row_begin, rows = 0; row < row_end; row += rows) {
-        // A short remainder shares the last full tile's rows (6 + 2 -> 4 + 4): a 2-row tile
-        // has too few accumulators to keep the FMA pipes busy.
-        const int64_t left = row_end - row;
-        rows = left > rows_per_tile && left < rows_per_tile + rows_per_tile / 2 ? (left + 1) / 2
-                                                                                 : std::min<int64_t>(rows_per_tile, left);
+        rows = tile_rows(row_end - row, rows_per_tile);
         TileArgs t;
         t.a = a;
         t.row_offsets = args.row_offsets + row;
@@ -221,6 +225,81 @@ void offset_gemm(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end)
     offset_gemm_typed<double>(args, row_begin, row_end);
   } else {
     offset_gemm_typed<float>(args, row_begin, row_end);
+  }
+}
+
+// One register tile of a dense GEMM: C[R rows x V vectors] (= or +=) A B, A's row r
+// at a + r * lda (depth contiguous), B's row k at b + k * ldb.
+template <class T, int R, int V>
+void dense_tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c, int64_t ldc, bool accumulate) {
+  using Vec = typename VecOf<T>::type;
+  constexpr int W = kVecBytes / sizeof(T);
+  Vec acc[R][V];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const T* b_row = b + k * ldb;
+    Vec bv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bv[v] = load_vec(b_row + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T s = a[r * lda + k];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      T* out = c + r * ldc + v * W;
+      store_vec(out, accumulate ? acc[r][v] + load_vec(out) : acc[r][v]);
+    }
+  }
+}
+
+template <class T>
+using DenseTileOf = void (*)(const T*, int64_t, const T*, int64_t, int64_t, T*, int64_t, bool);
+
+template <class T, int V, size_t... Rs>
+constexpr std::array<DenseTileOf<T>, kMaxRows> dense_row_table(std::index_sequence<Rs...>) {
+  return {&dense_tile<T, int(Rs) + 1, V>...};
+}
+
+template <class T, size_t... Vs>
+constexpr std::array<std::array<DenseTileOf<T>, kMaxRows>, kMaxVectors> dense_table(std::index_sequence<Vs...>) {
+  return {dense_row_table<T, int(Vs) + 1>(std::make_index_sequence<kMaxRows>{})...};
+}
+
+// kDenseTiles<T>[V - 1][R - 1] = dense_tile<T, R, V>, as kTiles.
+template <class T>
+constexpr auto kDenseTiles = dense_table<T>(std::make_index_sequence<kMaxVectors>{});
+
+// C = A B, dense: A [rows x depth] (row stride lda), B [depth x columns] (row stride
+// ldb), C row stride ldc; `columns` a multiple of the vector width (the Winograd
+// operands' zero-padded ldw). The Winograd forward's 16 GEMMs have depth C (32 at the
+// 16x16 layer): through the offset GEMM, whose tiles carry offset tables, partial
+// columns, bias and ReLU, the per-tile overhead took ~25% of a 384-cycle tile.
+template <class T>
+void dense_gemm(const T* a, int64_t lda, int64_t rows, const T* b, int64_t ldb, int64_t depth, int64_t columns,
+                T* c, int64_t ldc) {
+  constexpr int W = kVecBytes / sizeof(T);
+  constexpr int64_t kDepthBlock = (32 * 1024) / (kMaxVectors * kVecBytes);  // as offset_gemm_typed's
+  for (int64_t col = 0; col < columns; col += kMaxVectors * W) {
+    const int vectors = int(std::min<int64_t>(kMaxVectors, (columns - col) / W));
+    const int64_t rows_per_tile = max_rows(vectors);
+    for (int64_t depth_begin = 0; depth_begin < depth; depth_begin += kDepthBlock) {
+      const int64_t block = std::min(kDepthBlock, depth - depth_begin);
+      for (int64_t row = 0, n = 0; row < rows; row += n) {
+        n = tile_rows(rows - row, rows_per_tile);
+        kDenseTiles<T>[vectors - 1][n - 1](a + row * lda + depth_begin, lda, b + depth_begin * ldb + col, ldb, block,
+                                            c + row * ldc + col, ldc, depth_begin > 0);
+      }
+    }
   }
 }
 
@@ -639,9 +718,6 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
   // the output's last row or column (odd sizes) go to a discarded row.
   std::vector<T> block(args.nchw ? static_cast<size_t>(2 * max_rows * args.out_w * ldw) : 0);
   std::vector<T> discard(static_cast<size_t>(ldw));
-  std::vector<int64_t> row_offsets(static_cast<size_t>(max_tiles)), depth_offsets(static_cast<size_t>(C));
-  for (int64_t t = 0; t < max_tiles; ++t) row_offsets[t] = t * C;
-  for (int64_t c = 0; c < C; ++c) depth_offsets[c] = c;
   const Vec zero = Vec{};
   Vec check = Vec{};  // stays 0 while every value is finite: x - x is NaN for inf and NaN
   T check_tail = T(0);
@@ -664,20 +740,10 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
       const T* d = rows.data() + (2 * (t / tiles_w) * args.input.cols + 2 * (t % tiles_w)) * C;
       winograd_input_channels(d, row_len, C, v.data() + t * C, v_step);
     }
-    // M_e = V_e U_e for the 16 elements e of the transformed tile.
+    // M_e = V_e U_e for the 16 elements e of the transformed tile, all ldw columns (U's
+    // padding columns are zero).
     for (int e = 0; e < 16; ++e) {
-      OffsetGemmArgs g;
-      g.a = v.data() + e * v_step;
-      g.row_offsets = row_offsets.data();
-      g.depth_offsets = depth_offsets.data();
-      g.depth = C;
-      g.b = weight + e * C * ldw;
-      g.ldb = ldw;
-      g.c = m.data() + e * m_step;
-      g.ldc = ldw;
-      g.columns = K;
-      g.dtype = args.dtype;
-      offset_gemm_typed<T>(g, 0, tiles);
+      dense_gemm(v.data() + e * v_step, C, tiles, weight + e * C * ldw, ldw, C, ldw, m.data() + e * m_step, ldw);
     }
     const int64_t row0 = 2 * tile_row0, row1 = std::min(args.out_h, 2 * tile_row1);
     for (int64_t t = 0; t < tiles; ++t) {
