@@ -800,7 +800,8 @@ at::Tensor winograd_weight_grad(const at::Tensor& input, const at::Tensor& grad_
   int64_t chunks = weight_grad_chunks(args.tiles, 16 * K * C, 512, int64_t{1} << 20);
   args.tiles_per_chunk = (args.tiles + chunks - 1) / chunks;
   chunks = (args.tiles + args.tiles_per_chunk - 1) / args.tiles_per_chunk;
-  at::Tensor partials = at::empty({chunks, 16, C, K}, input.options());
+  args.ldp = round_up(K, kColumnPad);
+  at::Tensor partials = at::empty({chunks, 16, C, args.ldp}, input.options());
   args.channels = C;
   args.out_channels = K;
   args.partials = partials.mutable_data_ptr();
@@ -812,26 +813,27 @@ at::Tensor winograd_weight_grad(const at::Tensor& input, const at::Tensor& grad_
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "winograd_weight_grad", [&] {
     const scalar_t* sums = static_cast<const scalar_t*>(args.partials);
     scalar_t* out = grad_weight.mutable_data_ptr<scalar_t>();
-    const int64_t pairs = K * C;  // pair ck = c K + k
-    constexpr int64_t kPairs = 16;
-    // Blocks of 16 channel pairs: the chunks' partials added in chunk order into m, a
-    // cache line of each of the 16 elements at a time (read a value at a time, the 16
-    // elements of a pair, C K apart, fell in one L1 set at C32 K64), then A^T M A.
-    at::parallel_for(0, (pairs + kPairs - 1) / kPairs, 16, [&](int64_t block_begin, int64_t block_end) {
-      scalar_t m[16][kPairs];
+    const int64_t ldp = args.ldp, padded = C * ldp;  // entry c ldp + k, k < K a channel pair
+    constexpr int64_t kEntries = kColumnPad;              // a block within one channel c's row
+    // Blocks of 16 entries: the chunks' partials added in chunk order into m, a cache line
+    // of each of the 16 elements at a time (read a value at a time, the 16 elements of a
+    // pair, C ldp apart, fell in one L1 set at C32 K64), then A^T M A.
+    at::parallel_for(0, padded / kEntries, 16, [&](int64_t block_begin, int64_t block_end) {
+      scalar_t m[16][kEntries];
       bool block_finite = true;
       for (int64_t block = block_begin; block < block_end; ++block) {
-        const int64_t first = block * kPairs, count = std::min(kPairs, pairs - first);
+        const int64_t first = block * kEntries, c = first / ldp, k0 = first % ldp;
+        const int64_t count = std::min(kEntries, K - k0);
         for (int e = 0; e < 16; ++e) {
-          const scalar_t* src = sums + e * pairs + first;
+          const scalar_t* src = sums + e * padded + first;
           for (int64_t j = 0; j < count; ++j) m[e][j] = src[j];
           for (int64_t chunk = 1; chunk < chunks; ++chunk) {
-            src += 16 * pairs;
+            src += 16 * padded;
             for (int64_t j = 0; j < count; ++j) m[e][j] += src[j];
           }
         }
         for (int64_t j = 0; j < count; ++j) {
-          const int64_t ck = first + j, kc = ck % K * C + ck / K;
+          const int64_t kc = (k0 + j) * C + c;
           // A^T M A, A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1].
           scalar_t s[3][4];
           for (int q = 0; q < 4; ++q) {
@@ -842,9 +844,9 @@ at::Tensor winograd_weight_grad(const at::Tensor& input, const at::Tensor& grad_
           }
           for (int i = 0; i < 3; ++i) {
             const scalar_t y[3] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2], s[i][1] + s[i][2] + s[i][3]};
-            for (int c = 0; c < 3; ++c) {
-              block_finite = block_finite && std::isfinite(y[c]);
-              out[kc * 9 + 3 * i + c] = y[c];
+            for (int col = 0; col < 3; ++col) {
+              block_finite = block_finite && std::isfinite(y[col]);
+              out[kc * 9 + 3 * i + col] = y[col];
             }
           }
         }

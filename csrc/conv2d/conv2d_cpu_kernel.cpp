@@ -172,14 +172,14 @@ constexpr std::array<std::array<TileFn, kMaxRows>, kMaxVectors> tile_table(std::
 template <class T>
 constexpr auto kTiles = tile_table<T>(std::make_index_sequence<kMaxVectors>{});
 
-// Rows of the next register tile with `left` rows to go: a short remainder shares the
-// last full tile's rows (6 + 2 -> 4 + 4), as a 2-row tile has too few accumulators to
-// keep the FMA pipes busy.
+// Rows of the next register tile with `left` rows to go: the fewest tiles, their rows
+// as even as can be (32 rows in tiles of up to 6: 6 6 5 5 5 5, not 6 6 6 6 4 4). A tile
+// of few rows has too few accumulators to keep the FMA pipes busy, and at 4 rows its
+// vector loads match its FMAs one for one.
 inline int64_t tile_rows(int64_t left, int64_t rows_per_tile) {
   return left > rows_per_tile && left < rows_per_tile + rows_per_tile / 2 ? (left + 1) / 2
                                                                            : std::min(rows_per_tile, left);
 }
-
 template <class T>
 void offset_gemm_typed(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end) {
   constexpr int W = kVecBytes / sizeof(T);
@@ -228,10 +228,11 @@ void offset_gemm(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end)
   }
 }
 
-// One register tile of a dense GEMM: C[R rows x V vectors] (= or +=) A B, A's row r
-// at a + r * lda (depth contiguous), B's row k at b + k * ldb.
+// One register tile of a dense GEMM: C[R rows x V vectors] (= or +=) A B, A's element
+// (r, k) at a[r * a_row + k * a_depth], B's row k at b + k * ldb.
 template <class T, int R, int V>
-void dense_tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth, T* c, int64_t ldc, bool accumulate) {
+void dense_tile(const T* a, int64_t a_row, int64_t a_depth, const T* b, int64_t ldb, int64_t depth, T* c, int64_t ldc,
+                bool accumulate) {
   using Vec = typename VecOf<T>::type;
   constexpr int W = kVecBytes / sizeof(T);
   Vec acc[R][V];
@@ -247,7 +248,7 @@ void dense_tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth,
     for (int v = 0; v < V; ++v) bv[v] = load_vec(b_row + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const T s = a[r * lda + k];
+      const T s = a[r * a_row + k * a_depth];
 #pragma GCC unroll 4
       for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
     }
@@ -263,7 +264,7 @@ void dense_tile(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t depth,
 }
 
 template <class T>
-using DenseTileOf = void (*)(const T*, int64_t, const T*, int64_t, int64_t, T*, int64_t, bool);
+using DenseTileOf = void (*)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*, int64_t, bool);
 
 template <class T, int V, size_t... Rs>
 constexpr std::array<DenseTileOf<T>, kMaxRows> dense_row_table(std::index_sequence<Rs...>) {
@@ -279,14 +280,15 @@ constexpr std::array<std::array<DenseTileOf<T>, kMaxRows>, kMaxVectors> dense_ta
 template <class T>
 constexpr auto kDenseTiles = dense_table<T>(std::make_index_sequence<kMaxVectors>{});
 
-// C = A B, dense: A [rows x depth] (row stride lda), B [depth x columns] (row stride
-// ldb), C row stride ldc; `columns` a multiple of the vector width (the Winograd
-// operands' zero-padded ldw). The Winograd forward's 16 GEMMs have depth C (32 at the
-// 16x16 layer): through the offset GEMM, whose tiles carry offset tables, partial
-// columns, bias and ReLU, the per-tile overhead took ~25% of a 384-cycle tile.
+// C (= or += with `accumulate`) A B, dense: A [rows x depth] (element (r, k) at
+// a[r * a_row + k * a_depth]), B [depth x columns] (row stride ldb), C row stride ldc;
+// `columns` a multiple of the vector width (the Winograd operands' zero-padded widths).
+// The Winograd forward's 16 GEMMs have depth C (32 at the 16x16 layer): through the
+// offset GEMM, whose tiles carry offset tables, partial columns, bias and ReLU, the
+// per-tile overhead took ~25% of a 384-cycle tile.
 template <class T>
-void dense_gemm(const T* a, int64_t lda, int64_t rows, const T* b, int64_t ldb, int64_t depth, int64_t columns,
-                T* c, int64_t ldc) {
+void dense_gemm(const T* a, int64_t a_row, int64_t a_depth, int64_t rows, const T* b, int64_t ldb, int64_t depth,
+                int64_t columns, T* c, int64_t ldc, bool accumulate) {
   constexpr int W = kVecBytes / sizeof(T);
   constexpr int64_t kDepthBlock = (32 * 1024) / (kMaxVectors * kVecBytes);  // as offset_gemm_typed's
   for (int64_t col = 0; col < columns; col += kMaxVectors * W) {
@@ -296,8 +298,9 @@ void dense_gemm(const T* a, int64_t lda, int64_t rows, const T* b, int64_t ldb, 
       const int64_t block = std::min(kDepthBlock, depth - depth_begin);
       for (int64_t row = 0, n = 0; row < rows; row += n) {
         n = tile_rows(rows - row, rows_per_tile);
-        kDenseTiles<T>[vectors - 1][n - 1](a + row * lda + depth_begin, lda, b + depth_begin * ldb + col, ldb, block,
-                                            c + row * ldc + col, ldc, depth_begin > 0);
+        kDenseTiles<T>[vectors - 1][n - 1](a + row * a_row + depth_begin * a_depth, a_row, a_depth,
+                                            b + depth_begin * ldb + col, ldb, block, c + row * ldc + col, ldc,
+                                            accumulate || depth_begin > 0);
       }
     }
   }
@@ -743,7 +746,8 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
     // M_e = V_e U_e for the 16 elements e of the transformed tile, all ldw columns (U's
     // padding columns are zero).
     for (int e = 0; e < 16; ++e) {
-      dense_gemm(v.data() + e * v_step, C, tiles, weight + e * C * ldw, ldw, C, ldw, m.data() + e * m_step, ldw);
+      dense_gemm(v.data() + e * v_step, C, 1, tiles, weight + e * C * ldw, ldw, C, ldw, m.data() + e * m_step, ldw,
+                 false);
     }
     const int64_t row0 = 2 * tile_row0, row1 = std::min(args.out_h, 2 * tile_row1);
     for (int64_t t = 0; t < tiles; ++t) {
@@ -826,7 +830,7 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
   using Vec = typename VecOf<T>::type;
   constexpr int64_t W = kVecBytes / sizeof(T);
   const int64_t C = args.channels, K = args.out_channels;
-  const int64_t ldu = (K + conv2d::kColumnPad - 1) / conv2d::kColumnPad * conv2d::kColumnPad;
+  const int64_t ldu = args.ldp;
   const int64_t k_full = K / W * W;
   // Tiles a block: the transformed operands of all 16 elements ([16][tiles][C] and
   // [16][tiles][ldu]) within 1 MiB (this machine's L2 a core), at most the GEMM
@@ -844,9 +848,6 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
   const int64_t pixel_row = args.input.cols * C, grad_row = args.grad.cols * K;
   std::vector<T> in_rows(static_cast<size_t>(4 * pixel_row)), grad_rows(static_cast<size_t>(2 * grad_row));
   int64_t placed_n = -1, placed_tile_row = -1;
-  std::vector<int64_t> row_offsets(static_cast<size_t>(C)), depth_offsets(static_cast<size_t>(block_tiles));
-  for (int64_t c = 0; c < C; ++c) row_offsets[c] = c;
-  for (int64_t t = 0; t < block_tiles; ++t) depth_offsets[t] = t * C;
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t first = chunk * args.tiles_per_chunk, last = std::min(args.tiles, first + args.tiles_per_chunk);
     for (int64_t block = first; block < last; block += block_tiles) {
@@ -881,19 +882,8 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
       // partials[chunk][e] (+)= V_e^T U_e: rows c, depth the block's tiles, columns k
       // (K, as wide as C or wider in most layers, fills the wider register tiles).
       for (int e = 0; e < 16; ++e) {
-        OffsetGemmArgs gemm;
-        gemm.a = v.data() + e * v_step;
-        gemm.row_offsets = row_offsets.data();
-        gemm.depth_offsets = depth_offsets.data();
-        gemm.depth = count;
-        gemm.b = u.data() + e * u_step;
-        gemm.ldb = ldu;
-        gemm.c = partials + (chunk * 16 + e) * C * K;
-        gemm.ldc = K;
-        gemm.columns = K;
-        gemm.accumulate = block > first;
-        gemm.dtype = args.dtype;
-        offset_gemm_typed<T>(gemm, 0, C);
+        dense_gemm(v.data() + e * v_step, 1, C, C, u.data() + e * u_step, ldu, count, ldu,
+                   partials + (chunk * 16 + e) * C * ldu, ldu, block > first);
       }
     }
   }

@@ -236,14 +236,16 @@ struct WinogradArgs {
 // over the tiles, both transforms of a block of tiles built a tile at a time (all 16
 // elements from one read of its pixels). Chunk j of `tiles_per_chunk` tiles (tiles
 // numbered image by image, row by row) writes its sums of the 16 elements to
-// partials[j] ([16][C][K]); the caller adds the chunks in order and applies A^T . A.
+// partials[j] ([16][C][ldp], columns K.. unused); the caller adds the chunks in order and
+// applies A^T . A.
 struct WinogradWeightGradArgs {
   PlaceArgs input;  // as WinogradArgs::input
   int64_t channels = 0;
   PlaceArgs grad;  // grad_output as the [N, 2 tiles_h, 2 tiles_w, K] NHWC image (zero past the output)
   int64_t out_channels = 0;
   int64_t tiles_h = 0, tiles_w = 0, tiles = 0, tiles_per_chunk = 0;
-  void* partials = nullptr;  // [chunks][16][C][K]
+  void* partials = nullptr;  // [chunks][16][C][ldp]
+  int64_t ldp = 0;           // round_up(K, kColumnPad)
   DType dtype = DType::kFloat32;
 };
 
