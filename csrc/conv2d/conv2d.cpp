@@ -448,12 +448,13 @@ at::Tensor from_nhwc(const at::Tensor& nhwc, bool channels_last) {
 // Winograd F(2x2, 3x3) (WinogradArgs in conv2d_kernel.h) runs the forward of 3x3,
 // stride-1, undilated, ungrouped convolutions with at least 16 input and output channels:
 // 16 multiply-adds per 2x2 output pixels and channel pair instead of 36 (B32 C64->128
-// 32x32 NCHW: 7.5-8.0 ms instead of the direct pass's 12.2; the GEMMs, at ~74% of the
-// FMA peak with 32-64 input channels as their depth, take ~70% of it, the transforms
-// and layout passes the rest). Fewer channels would leave
+// 32x32 NCHW: 6.3-6.9 ms instead of the direct pass's 12.2; B64 C32->64 16x16: 0.80-0.85
+// ms, of which the GEMMs ~0.55, the output transform ~0.1). Fewer channels would leave
 // the transforms a larger share than the GEMMs save. Its float32 rounding error was
 // 0.5-1.0x torch's (direct, oneDNN) on five shapes measured against float64 (the tests
-// allow 2x).
+// allow 2x). Larger tiles would save more multiply-adds but not that accuracy: in a
+// float32 model F(4x4, 3x3) erred 4-30x torch's (points 0, +-1, +-2 and 0, +-1, 1/2, -2),
+// F(4x2, 3x3) 2-6x, F(3x3, 3x3) 4-23x, at C 32-128.
 bool winograd_applies(const Geometry& g) {
   return g.kernel_h == 3 && g.kernel_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 &&
          g.dilation_w == 1 && g.groups == 1 && g.in_channels >= 16 && g.out_channels >= 16 && g.batch > 0 &&
