@@ -207,7 +207,7 @@ FL_HOST_DEVICE Acc edge_grad_input_sum(const EdgeGeometry& e, int64_t ih, int64_
 //   Y = A^T [ sum over input channels of (G w G^T) * (B^T d B) ] A   (elementwise *),
 // so the 36 multiply-adds of a tile and a (input, output) channel pair become 16, run as
 // 16 independent GEMMs [tiles x C] x [C x K], one per element of the 4x4 transformed tile
-// (the offset-GEMM micro-kernel). A unit of work is one of `units_per_image` equal runs
+// (a dense register-tile GEMM). A unit of work is one of `units_per_image` equal runs
 // of tile rows of one image: its padded input rows placed as NHWC, the input transform
 // into a [16][tiles][C] block, the 16 GEMMs, then the output transform with the bias and
 // the ReLU, into NHWC rows or, for NCHW, through an NHWC block transposed into the planes.
