@@ -88,6 +88,22 @@ struct TileArgs {
   bool relu;              // only on the last depth block
 };
 
+// One depth step of an R x V-vector register tile: acc[r][v] += a_at(r) * B's row.
+template <class T, int R, int V, class AAt>
+FL_INLINE void tile_step(typename VecOf<T>::type (&acc)[R][V], const T* b_row, const AAt& a_at) {
+  using Vec = typename VecOf<T>::type;
+  constexpr int W = kVecBytes / sizeof(T);
+  Vec bv[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) bv[v] = load_vec(b_row + v * W);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const T s = a_at(r);
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
+  }
+}
+
 template <class T, int R, int V>
 void tile_kernel(const TileArgs& t) {
   using Vec = typename VecOf<T>::type;
@@ -109,16 +125,7 @@ void tile_kernel(const TileArgs& t) {
   const int64_t* depth_offsets = t.depth_offsets;
   for (int64_t k = 0; k < depth; ++k) {
     const int64_t offset = depth_offsets[k];
-    const T* b_row = b + k * ldb;
-    Vec bv[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) bv[v] = load_vec(b_row + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const T s = a_rows[r][offset];
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
-    }
+    tile_step<T, R, V>(acc, b + k * ldb, [&](int r) { return a_rows[r][offset]; });
   }
 
   Vec bias[V] = {};
@@ -243,16 +250,7 @@ void dense_tile(const T* a, int64_t a_row, int64_t a_depth, const T* b, int64_t 
     for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
   }
   for (int64_t k = 0; k < depth; ++k) {
-    const T* b_row = b + k * ldb;
-    Vec bv[V];
-#pragma GCC unroll 4
-    for (int v = 0; v < V; ++v) bv[v] = load_vec(b_row + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const T s = a[r * a_row + k * a_depth];
-#pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
-    }
+    tile_step<T, R, V>(acc, b + k * ldb, [&](int r) { return a[r * a_row + k * a_depth]; });
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
