@@ -179,6 +179,10 @@ constexpr std::array<std::array<TileFn, kMaxRows>, kMaxVectors> tile_table(std::
 template <class T>
 constexpr auto kTiles = tile_table<T>(std::make_index_sequence<kMaxVectors>{});
 
+// Depth rows of B a GEMM call takes at a time: the panel of one block, kDepthBlock x
+// (kMaxVectors * W), is 32 KiB and stays in L1 while the call's row tiles stream past it.
+constexpr int64_t kDepthBlock = (32 * 1024) / (kMaxVectors * kVecBytes);
+
 // Rows of the next register tile with `left` rows to go: a short remainder shares the
 // last full tile's rows (6 + 2 -> 4 + 4), as a 2-row tile has too few accumulators to
 // keep the FMA pipes busy. (Rows spread evenly over the fewest tiles, 32 as 6 6 5 5 5 5
@@ -191,9 +195,6 @@ inline int64_t tile_rows(int64_t left, int64_t rows_per_tile) {
 template <class T>
 void offset_gemm_typed(const OffsetGemmArgs& args, int64_t row_begin, int64_t row_end) {
   constexpr int W = kVecBytes / sizeof(T);
-  // The B panel of one depth block, kDepthBlock x (kMaxVectors * W), is 32 KiB: it
-  // stays in L1 while the row tiles of this call stream past it.
-  constexpr int64_t kDepthBlock = (32 * 1024) / (kMaxVectors * kVecBytes);
   const T* a = static_cast<const T*>(args.a);
   const T* b = static_cast<const T*>(args.b);
   const T* bias = static_cast<const T*>(args.bias);
@@ -289,7 +290,6 @@ template <class T>
 void dense_gemm(const T* a, int64_t a_row, int64_t a_depth, int64_t rows, const T* b, int64_t ldb, int64_t depth,
                 int64_t columns, T* c, int64_t ldc, bool accumulate) {
   constexpr int W = kVecBytes / sizeof(T);
-  constexpr int64_t kDepthBlock = (32 * 1024) / (kMaxVectors * kVecBytes);  // as offset_gemm_typed's
   for (int64_t col = 0; col < columns; col += kMaxVectors * W) {
     const int vectors = int(std::min<int64_t>(kMaxVectors, (columns - col) / W));
     const int64_t rows_per_tile = max_rows(vectors);
@@ -406,6 +406,39 @@ void place_image(const PlaceArgs& args, int64_t row_begin, int64_t row_end) {
     place_image_typed<float>(args, row_begin, row_end);
   }
 }
+
+// A window of rows [first, end) of one image of a placed image (PlaceArgs), kept in a
+// buffer of up to `max_rows` rows: the Winograd passes place the rows they are about to
+// transform rather than the whole batch beforehand, so the rows stay in L1/L2 between
+// their placement and the transform and no batch-sized image goes through L3 and back.
+// Rows the previous window of the same image already holds are moved up, not placed again.
+template <class T>
+class PlacedRows {
+ public:
+  PlacedRows(const PlaceArgs& args, int64_t max_rows)
+      : args_(args), row_len_(args.cols * args.dst_channels), rows_(static_cast<size_t>(max_rows * row_len_)) {}
+
+  // Row `first` of image n at the returned pointer, the next ones row_len() apart.
+  const T* place(int64_t n, int64_t first, int64_t end) {
+    if (n == n_ && first == first_ && end == end_) return rows_.data();
+    int64_t from = first;
+    if (n == n_ && first_ <= first && first < end_) {
+      std::memmove(rows_.data(), rows_.data() + (first - first_) * row_len_,
+                   size_t((end_ - first) * row_len_) * sizeof(T));
+      from = end_;
+    }
+    for (int64_t r = from; r < end; ++r) place_row(args_, n, r, rows_.data() + (r - first) * row_len_);
+    n_ = n, first_ = first, end_ = end;
+    return rows_.data();
+  }
+  int64_t row_len() const { return row_len_; }
+
+ private:
+  const PlaceArgs& args_;
+  int64_t row_len_;
+  std::vector<T> rows_;
+  int64_t n_ = -1, first_ = 0, end_ = 0;
+};
 
 template <class T>
 void store_nchw_typed(const StoreNchwArgs& args, int64_t row_begin, int64_t row_end) {
@@ -710,12 +743,7 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
   const T* bias = static_cast<const T*>(args.bias);
   T* out = static_cast<T*>(args.out);
   std::vector<T> v(static_cast<size_t>(16 * v_step)), m(static_cast<size_t>(16 * m_step));
-  // A unit's padded input rows [2 tile_row0, 2 tile_row1 + 2), placed here (NHWC) rather
-  // than the whole batch beforehand: the rows stay in L1/L2 between their placement and
-  // the input transform, and no batch-sized image goes through L3 and back.
-  const int64_t row_len = args.input.cols * C;
-  std::vector<T> rows(static_cast<size_t>((2 * max_rows + 2) * row_len));
-  int64_t placed_n = -1, placed_first = 0, placed_end = 0;  // rows [first, end) of image n are in `rows`
+  PlacedRows<T> input_rows(args.input, 2 * max_rows + 2);  // a unit's padded input rows
   // NCHW: the unit's output rows as NHWC, then transposed into the planes. Pixels past
   // the output's last row or column (odd sizes) go to a discarded row.
   std::vector<T> block(args.nchw ? static_cast<size_t>(2 * max_rows * args.out_w * ldw) : 0);
@@ -729,17 +757,10 @@ bool winograd_typed(const WinogradArgs& args, int64_t unit_begin, int64_t unit_e
     const int64_t tile_row0 = run * args.tiles_h / units_per_image;
     const int64_t tile_row1 = (run + 1) * args.tiles_h / units_per_image;
     const int64_t tiles = (tile_row1 - tile_row0) * tiles_w;
-    const int64_t first = 2 * tile_row0, end = 2 * tile_row1 + 2;
-    int64_t from = first;
-    if (placed_n == n && placed_first <= first && first < placed_end) {  // the previous unit's last rows
-      std::memmove(rows.data(), rows.data() + (first - placed_first) * row_len,
-                   size_t((placed_end - first) * row_len) * sizeof(T));
-      from = placed_end;
-    }
-    for (int64_t r = from; r < end; ++r) place_row(args.input, n, r, rows.data() + (r - first) * row_len);
-    placed_n = n, placed_first = first, placed_end = end;
+    const T* rows = input_rows.place(n, 2 * tile_row0, 2 * tile_row1 + 2);
+    const int64_t row_len = input_rows.row_len();
     for (int64_t t = 0; t < tiles; ++t) {
-      const T* d = rows.data() + (2 * (t / tiles_w) * args.input.cols + 2 * (t % tiles_w)) * C;
+      const T* d = rows + 2 * (t / tiles_w) * row_len + 2 * (t % tiles_w) * C;
       winograd_input_channels(d, row_len, C, v.data() + t * C, v_step);
     }
     // M_e = V_e U_e for the 16 elements e of the transformed tile, all ldw columns (U's
@@ -841,12 +862,9 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
   const int64_t v_step = unaliased_step<T>(block_tiles * C), u_step = unaliased_step<T>(block_tiles * ldu);
   T* partials = static_cast<T*>(args.partials);
   std::vector<T> v(static_cast<size_t>(16 * v_step)), u(static_cast<size_t>(16 * u_step));
-  // The current tile row's 4 padded input rows and 2 grad_output rows, placed here as
-  // NHWC (as the forward's units place theirs); the next tile row of the same image keeps
-  // the 2 input rows it shares.
-  const int64_t pixel_row = args.input.cols * C, grad_row = args.grad.cols * K;
-  std::vector<T> in_rows(static_cast<size_t>(4 * pixel_row)), grad_rows(static_cast<size_t>(2 * grad_row));
-  int64_t placed_n = -1, placed_tile_row = -1;
+  // The current tile row's 4 padded input rows and 2 grad_output rows.
+  PlacedRows<T> input_rows(args.input, 4), grad_rows(args.grad, 2);
+  const int64_t pixel_row = input_rows.row_len(), grad_row = grad_rows.row_len();
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     const int64_t first = chunk * args.tiles_per_chunk, last = std::min(args.tiles, first + args.tiles_per_chunk);
     for (int64_t block = first; block < last; block += block_tiles) {
@@ -856,18 +874,9 @@ void winograd_weight_grad_typed(const WinogradWeightGradArgs& args, int64_t chun
       for (int64_t t = 0; t < count; ++t) {
         const int64_t tile = block + t, n = tile / (args.tiles_h * args.tiles_w);
         const int64_t tile_row = tile / args.tiles_w % args.tiles_h, tile_col = tile % args.tiles_w;
-        if (n != placed_n || tile_row != placed_tile_row) {
-          int64_t from = 0;
-          if (n == placed_n && tile_row == placed_tile_row + 1) {
-            std::memmove(in_rows.data(), in_rows.data() + 2 * pixel_row, size_t(2 * pixel_row) * sizeof(T));
-            from = 2;
-          }
-          for (int64_t r = from; r < 4; ++r) place_row(args.input, n, 2 * tile_row + r, in_rows.data() + r * pixel_row);
-          for (int64_t r = 0; r < 2; ++r) place_row(args.grad, n, 2 * tile_row + r, grad_rows.data() + r * grad_row);
-          placed_n = n, placed_tile_row = tile_row;
-        }
-        winograd_input_channels(in_rows.data() + 2 * tile_col * C, pixel_row, C, v.data() + t * C, v_step);
-        const T* g = grad_rows.data() + 2 * tile_col * K;
+        const T* d = input_rows.place(n, 2 * tile_row, 2 * tile_row + 4) + 2 * tile_col * C;
+        winograd_input_channels(d, pixel_row, C, v.data() + t * C, v_step);
+        const T* g = grad_rows.place(n, 2 * tile_row, 2 * tile_row + 2) + 2 * tile_col * K;
         T* ut = u.data() + t * ldu;
         for (int64_t k = 0; k < k_full; k += W) {
           winograd_grad_tile<T, Vec>([&](int i, int j) { return load_vec(g + i * grad_row + j * K + k); },
