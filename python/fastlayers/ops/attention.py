@@ -29,6 +29,7 @@ import math
 import torch
 
 from fastlayers import _extension, backend
+from fastlayers.ops.autograd import register_autograd
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Head and value dims the CUDA kernels take (attention_kernel.h: kCudaMaxHeadDim); the CPU kernels take any.
@@ -393,7 +394,7 @@ if _extension.available():
             )
         return (*grads, None, None, None, None, None)
 
-    torch.library.register_autograd("fastlayers::flash_attention", _backward, setup_context=_setup_context)
+    register_autograd("fastlayers::flash_attention", _backward, setup_context=_setup_context)
 
 
 # ---- public wrapper ---------------------------------------------------------------------

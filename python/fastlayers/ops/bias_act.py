@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlayers import _extension, backend
+from fastlayers.ops.autograd import register_autograd
 
 ACTIVATIONS = ("identity", "relu", "gelu", "silu", "tanh", "sigmoid")
 # Activations whose derivative the backward computes from the forward's output.
@@ -158,7 +159,7 @@ if _extension.available():
             )
         return grad_input, (grad_bias if ctx.has_bias and ctx.needs_input_grad[1] else None), None
 
-    torch.library.register_autograd("fastlayers::bias_act", _backward, setup_context=_setup_context)
+    register_autograd("fastlayers::bias_act", _backward, setup_context=_setup_context)
 
 
 # ---- public wrapper ----------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from fastlayers import _extension, backend
+from fastlayers.ops.autograd import register_autograd
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -273,7 +274,7 @@ if _extension.available():
         grad_input, grad_weight = _conv_grads(ctx, grad_z, input, weight)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
-    torch.library.register_autograd("fastlayers::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
+    register_autograd("fastlayers::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
 
     def _pool_setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, dilation, groups = inputs
@@ -310,7 +311,7 @@ if _extension.available():
         grad_input, grad_weight = _conv_grads(ctx, grad_z, input, weight)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
-    torch.library.register_autograd(
+    register_autograd(
         "fastlayers::conv2d_relu_max_pool2d", _pool_backward, setup_context=_pool_setup_context
     )
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlayers import _extension, backend
+from fastlayers.ops.autograd import register_autograd
 
 NONLINEARITIES = ("tanh", "relu")
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -404,10 +405,10 @@ if _extension.available():
 
         return backward
 
-    torch.library.register_autograd("fastlayers::lstm_cell", _lstm_cell_backward, setup_context=_lstm_setup_context)
-    torch.library.register_autograd("fastlayers::lstm_layer", _lstm_layer_backward, setup_context=_lstm_setup_context)
-    torch.library.register_autograd("fastlayers::rnn_cell", _rnn_backward(False), setup_context=_rnn_setup_context)
-    torch.library.register_autograd("fastlayers::rnn_layer", _rnn_backward(True), setup_context=_rnn_setup_context)
+    register_autograd("fastlayers::lstm_cell", _lstm_cell_backward, setup_context=_lstm_setup_context)
+    register_autograd("fastlayers::lstm_layer", _lstm_layer_backward, setup_context=_lstm_setup_context)
+    register_autograd("fastlayers::rnn_cell", _rnn_backward(False), setup_context=_rnn_setup_context)
+    register_autograd("fastlayers::rnn_layer", _rnn_backward(True), setup_context=_rnn_setup_context)
 
 
 # ---- functional API: cells ------------------------------------------------------------
