@@ -86,18 +86,19 @@ FL_INLINE double pow2i(int64_t n) { return bits_to_double(static_cast<uint64_t>(
 
 // As the float version: x = n ln2 + r, |r| <= ln2/2 (fdlibm's ln2 split, whose high
 // part has 32 trailing zero bits, so n * kLn2Hi is exact), then e^r by its Taylor
-// polynomial to degree 13 (truncation < 0.03 ulp), 1 added last; 2^n in two halves.
-// n is read from the bits of the rounding sum rather than converted, which AVX2 and
-// SSE2 cannot do for doubles in a vector.
-FL_INLINE double exp_finite(double x) {
+// polynomial to degree 13 (truncation < 0.03 ulp), 1 added last. n is read from the
+// bits of the rounding sum rather than converted, which AVX2 and SSE2 cannot do for
+// doubles in a vector: `shifted`'s low mantissa bits hold n + 2^51.
+constexpr double kRoundMagicDouble = 6755399441055744.0;  // 1.5 * 2^52
+struct ExpPartsDouble {
+  double e_r, shifted;
+};
+FL_INLINE ExpPartsDouble exp_parts(double x) {
   constexpr double kLog2e = 1.4426950408889634074;
   constexpr double kLn2Hi = 6.93147180369123816490e-01;
   constexpr double kLn2Lo = 1.90821492927058770002e-10;
-  constexpr double kRoundMagic = 6755399441055744.0;  // 1.5 * 2^52
-  x = x > 710.0 ? 710.0 : x;
-  x = x < -746.0 ? -746.0 : x;
-  const double shifted = x * kLog2e + kRoundMagic;
-  const double n = shifted - kRoundMagic;
+  const double shifted = x * kLog2e + kRoundMagicDouble;
+  const double n = shifted - kRoundMagicDouble;
   double r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
   double p = 1.0 / 6227020800.0;  // 1/13!
@@ -112,10 +113,23 @@ FL_INLINE double exp_finite(double x) {
   p = p * r + 1.0 / 24.0;
   p = p * r + 1.0 / 6.0;
   p = p * r + 0.5;
-  const double e_r = 1.0 + (r + (r * r) * p);
-  const int64_t ni = static_cast<int64_t>(double_to_bits(shifted) - double_to_bits(kRoundMagic));
+  return {1.0 + (r + (r * r) * p), shifted};
+}
+
+// n of exp_parts, as an integer (unsigned arithmetic: defined for any bits).
+FL_INLINE int64_t exp_exponent(double shifted) {
+  return static_cast<int64_t>(double_to_bits(shifted) - double_to_bits(kRoundMagicDouble));
+}
+
+// e^x for finite x; 2^n is applied in two halves so that results in the subnormal range
+// and overflow to +inf come out right.
+FL_INLINE double exp_finite(double x) {
+  x = x > 710.0 ? 710.0 : x;
+  x = x < -746.0 ? -746.0 : x;
+  const ExpPartsDouble e = exp_parts(x);
+  const int64_t ni = exp_exponent(e.shifted);
   const int64_t n1 = ni >> 1;
-  return e_r * pow2i(n1) * pow2i(ni - n1);
+  return e.e_r * pow2i(n1) * pow2i(ni - n1);
 }
 
 }  // namespace detail
@@ -171,7 +185,22 @@ FL_HOST_DEVICE FL_INLINE float exp_nonpositive(float x) {
 #endif
 }
 
-FL_HOST_DEVICE FL_INLINE double exp_nonpositive(double x) { return exp(x); }
+// The same for double: results under DBL_MIN (x < -708.39) flush to 0, NaN propagates;
+// as accurate as exp for 0 < x <= 709. 27% less time than exp in the float64 LSTM's
+// pointwise pass (three sigmoids and two tanh a unit: 177 -> 128 cycles a vector of 8,
+// the same bits; measured in a stand-alone copy of the loop).
+FL_HOST_DEVICE FL_INLINE double exp_nonpositive(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  constexpr double kFlushBelow = -708.39;  // e^-708.39 = 2.2251e-308, just above DBL_MIN
+  const bool flush = x < kFlushBelow;     // false for NaN, which then stays NaN below
+  const detail::ExpPartsDouble e = detail::exp_parts(flush ? kFlushBelow : x);
+  // n >= -1022 here, so 2^n is one normal number: one scaling, no halves.
+  const double scale = detail::pow2i(detail::exp_exponent(e.shifted));
+  return flush ? 0.0 : e.e_r * scale;
+#endif
+}
 
 FL_HOST_DEVICE FL_INLINE float tanh(float x) {
 #if defined(__CUDA_ARCH__)
@@ -206,7 +235,7 @@ FL_HOST_DEVICE FL_INLINE double tanh(double x) {
   double z = x * x;
   double p = (-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z - 1.61468768441708447952e3;
   double q = ((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z + 4.84406305325125486048e3;
-  double u = exp(-2.0 * ax);
+  double u = exp_nonpositive(-2.0 * ax);  // -2|x| <= 0 (or NaN, which stays NaN)
   bool small = ax < 0.625;
   double num = small ? ax * q + ax * z * p : 1.0 - u;
   double den = small ? q : 1.0 + u;
