@@ -2,13 +2,15 @@
 
 Train step = forward + backward of ``output.sum()`` (input and parameter gradients);
 inference = forward under ``torch.no_grad()``. Sizes: the seed's model (B=100, T=20,
-I=10, H=50, 2 layers) and B=32, T=64, I=128, H=256, 1 layer; the LSTM train step at
+I=10, H=50, 2 layers) and B=32, T=64, I=128, H=256, 1 layer (its LSTM train step also on
+an input that needs no gradient, as a model's first layer sees data); the LSTM train step at
 B=64, T=100, I=256, H=512, 2 layers (not with --quick: about a second per call); at
 the seed size also the train steps where torch leaves oneDNN: an LSTM with
 proj_size=25, a PackedSequence of uneven lengths (20 down to 1), and float64 (LSTM
 and RNN). GFLOP/s counts the GEMM work only,
 2 * T * B * G * H * (I_layer + H) per layer forward (G = 4 gates for the LSTM, 1 for the
-RNN; nominal, ignoring projection and padding) and three times that for a train step;
+RNN; nominal, ignoring projection and padding) and three times that for a train step
+(less the input gradient's 2 * T * B * G * H * I when the input needs none);
 GB/s the input, output and weights read or written once.
 
     python benchmarks/bench_lstm.py [--quick] [--threads N] [--device cpu|cuda|all]
@@ -89,10 +91,26 @@ def make_cases(device: str, quick: bool = False) -> list[Case]:
                     {**params, "mode": "inference"},
                 )
             )
+    cases.append(_data_input_train_case(device))
     if not quick:
         cases.append(_large_lstm_train_case(device))
     cases.extend(_off_onednn_cases(device))
     return cases
+
+
+def _data_input_train_case(device: str) -> Case:
+    """The H=256 LSTM train step on data that needs no gradient (a model's first layer):
+    the layer backward then skips the input's gradient GEMM (torch's computes it)."""
+    batch, steps, input_size, hidden, layers = SIZES[1]
+    native = torch.nn.LSTM(input_size, hidden, num_layers=layers, device=device)
+    ours = fnn.LSTM.from_torch(native)
+    x = torch.randn(steps, batch, input_size, device=device)
+    # The work needed: forward, recurrent and weight gradients, no input gradient.
+    flops = 3 * gemm_flops("lstm", batch, steps, input_size, hidden, layers) - 2.0 * steps * batch * 4 * hidden * input_size
+    tag = f"lstm input without grad B={batch} T={steps} I={input_size} H={hidden} L={layers} {device}"
+    params = {"kind": "lstm", "batch": batch, "steps": steps, "input_size": input_size, "hidden_size": hidden,
+              "num_layers": layers, "input_grad": False}
+    return _train_case(f"train {tag}", native, ours, x, flops, device, params)
 
 
 def _train_case(name: str, native: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor, flops: float,

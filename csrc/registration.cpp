@@ -77,19 +77,22 @@ TORCH_LIBRARY(fastlayers, m) {
   // w_hr [P, H] (projection, torch's proj_size): hx, output [.., P], w_hh [4H, P]; the
   // backward then also returns grad_w_hr (else shape [0]). With batch_sizes (a
   // PackedSequence's, int64 on the CPU) input is the packed data [rows, I] and every
-  // [T, B, X] above is [rows, X]; reverse runs the steps last to first.
+  // [T, B, X] above is [rows, X]; reverse runs the steps last to first. The layer
+  // backwards compute grad_input only with input_grad, and the weight and bias
+  // gradients only with weight_grad (else each comes back with shape [0]).
   m.def("lstm_layer(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh,"
         " Tensor? w_hr=None, Tensor? batch_sizes=None, bool reverse=False) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.def("lstm_layer_backward(Tensor grad_output, Tensor grad_cells, Tensor input, Tensor hx, Tensor cx,"
         " Tensor w_ih, Tensor w_hh, Tensor output, Tensor cells, Tensor gates, bool has_bias, Tensor? w_hr=None,"
-        " Tensor? batch_sizes=None, bool reverse=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        " Tensor? batch_sizes=None, bool reverse=False, bool input_grad=True, bool weight_grad=True)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.def("rnn_layer(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh,"
         " str nonlinearity, Tensor? batch_sizes=None, bool reverse=False) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.def("rnn_layer_backward(Tensor grad_output, Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor output,"
-        " bool has_bias, str nonlinearity, Tensor? batch_sizes=None, bool reverse=False)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        " bool has_bias, str nonlinearity, Tensor? batch_sizes=None, bool reverse=False, bool input_grad=True,"
+        " bool weight_grad=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 }

@@ -484,6 +484,53 @@ def _projected_lstm_args(dtype=torch.float64, steps=4, batch=3, input_size=5, hi
     return [t.requires_grad_() if t is not None else None for t in (x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr)]
 
 
+@pytest.mark.parametrize("input_grad,weight_grad", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("kind", ["lstm", "rnn_tanh"])
+def test_layer_backward_ops_compute_only_the_gradients_asked_for(kind, input_grad, weight_grad):
+    args = _op_args(kind, True, dtype=torch.float32, requires_grad=False)
+    out = _op(kind, True)(*args)
+    if kind == "lstm":
+        x, h, c, w_ih, w_hh = args[:5]
+        output, cells, gates = out
+        common = (torch.randn_like(output), torch.randn_like(cells), x, h, c, w_ih, w_hh, output, cells, gates, True)
+        op, layout = torch.ops.fastlayers.lstm_layer_backward.default, (None, None, False)
+        weight_slots = (3, 4, 5, 6)
+    else:
+        x, h, w_ih, w_hh = args[:4]
+        common = (torch.randn_like(out), x, h, w_ih, w_hh, out, True, "tanh")
+        op, layout = torch.ops.fastlayers.rnn_layer_backward.default, (None, False)
+        weight_slots = (2, 3, 4)
+    full = op(*common, *layout)
+    part = op(*common, *layout, input_grad, weight_grad)
+    for i, (want, got) in enumerate(zip(full, part)):
+        skipped = (i == 0 and not input_grad) or (i in weight_slots and not weight_grad)
+        if skipped:
+            assert got.shape == (0,), f"output {i} was computed"
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.library.opcheck(op, (*common, *layout, input_grad, weight_grad))
+
+
+@pytest.mark.parametrize("frozen", ["input", "weights", "all_but_a_bias"])
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_modules_match_torch_with_frozen_inputs_or_weights(kind, frozen):
+    # The layer backward then leaves out the gradients autograd does not ask for.
+    native = (torch.nn.LSTM if kind == "lstm" else torch.nn.RNN)(6, 5, num_layers=2, dtype=torch.float64)
+    ours = _pair(native, fnn.LSTM if kind == "lstm" else fnn.RNN)
+    x = torch.randn(7, 3, 6, dtype=torch.float64, requires_grad=frozen != "input")
+    for module in (native, ours):
+        for name, p in module.named_parameters():
+            p.requires_grad_(frozen == "input" or (frozen == "all_but_a_bias" and name == "bias_hh_l1"))
+    grads = []
+    for module in (native, ours):
+        output, _ = module(x)
+        wrt = [t for t in (x, *module.parameters()) if t.requires_grad]
+        grads.append(torch.autograd.grad(output.pow(2).sum(), wrt))
+    assert len(grads[0]) == len(grads[1]) > 0
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_projected_lstm_layer_op_gradcheck_and_opcheck(bias):
     args = _projected_lstm_args(bias=bias)

@@ -357,6 +357,14 @@ struct LayerBackward {
   at::Tensor grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr;
 };
 
+// The gradients autograd asks for beyond the states': the input's (one GEMM over all
+// steps) and the weights' and biases' (one GEMM and its [x_t | h_prev | 1] operand).
+// One left out comes back with shape [0].
+struct GradsWanted {
+  bool input = true;
+  bool weights = true;
+};
+
 // The reverse step loop: per step the fused pointwise backward turns the gradients at
 // h' (and c') into d loss / d z, and one GEMM carries d z back to h; the input and
 // weight gradients are three large GEMMs over all timesteps after the loop.
@@ -368,7 +376,8 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const StepLayou
                              const at::Tensor& grad_output, const at::Tensor& grad_cells, const at::Tensor& input,
                              const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                              const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
-                             const at::Tensor& gates, bool has_bias, const at::Tensor& w_hr = at::Tensor()) {
+                             const at::Tensor& gates, bool has_bias, GradsWanted wanted = {},
+                             const at::Tensor& w_hr = at::Tensor()) {
   const int64_t rows = layout.rows, batch = layout.batch, input_size = input.size(input.dim() - 1);
   const int64_t gate_width = w_hh.size(0), hidden = gate_width / gate_count(cell);
   const int64_t output_size = w_hr.defined() ? w_hr.size(0) : hidden;
@@ -398,10 +407,13 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const StepLayou
   // [rows, I + P (+ 1)]: dz^T is read in place (column-major), the right factor holds
   // each row's input and the state its step started from (a column of ones sums dz).
   const int64_t bias_column = input_size + output_size;
-  at::Tensor layer_inputs = at::empty({rows, bias_column + (has_bias ? 1 : 0)}, x.options());
-  layer_inputs.narrow(1, 0, input_size).copy_(x.view({rows, input_size}));
-  at::Tensor h_prev = layer_inputs.narrow(1, input_size, output_size);
-  if (!layout.packed) {
+  at::Tensor layer_inputs, h_prev;
+  if (wanted.weights) {
+    layer_inputs = at::empty({rows, bias_column + (has_bias ? 1 : 0)}, x.options());
+    layer_inputs.narrow(1, 0, input_size).copy_(x.view({rows, input_size}));
+    h_prev = layer_inputs.narrow(1, input_size, output_size);
+  }
+  if (wanted.weights && !layout.packed) {
     // Time-major: the outputs shifted by one step (forward: h0 first; reverse: last).
     const int64_t later = rows - batch;
     h_prev.narrow(0, layout.reverse ? later : 0, batch).copy_(h0);
@@ -410,7 +422,7 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const StepLayou
           .copy_(out.view({rows, output_size}).narrow(0, layout.reverse ? batch : 0, later));
     }
   }  // packed: copied run by run in the loop below
-  if (has_bias) layer_inputs.select(1, bias_column).fill_(1);
+  if (wanted.weights && has_bias) layer_inputs.select(1, bias_column).fill_(1);
 
   const std::unique_ptr<StepMatmul> recurrent = launch.make_step_matmul(w_hh);
   const DType dtype = kernel_dtype(x, "rnn_backward", "input");
@@ -456,7 +468,7 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const StepLayou
         args.grad_gates = grad_gates_t;
         launch.backward(args);
         recurrent->run(grad_gates_t, gate_width, n, grad_h_rows, output_size, /*accumulate=*/false);
-        if (layout.packed) {
+        if (wanted.weights && layout.packed) {
           const void* state = from_initial ? at_row.state(h0, output_size, r0) : at_row.step(out, output_size, p, r0);
           const int64_t ld = layer_inputs.size(1);
           copy_rows(at_row.step(h_prev, ld, t, r0), ld, state, output_size, n, output_size, x);
@@ -468,23 +480,36 @@ LayerBackward layer_backward(const Launchers& launch, Cell cell, const StepLayou
 
   LayerBackward result;
   const at::Tensor dz = grad_gates;
-  result.grad_input = at::empty({rows, input_size}, x.options());
-  launch.matmul_out(result.grad_input, dz, w_ih, false);
-  result.grad_input = result.grad_input.view(layout.shape(input_size));
+  // Every output its own tensor: an op's outputs must not alias each other.
+  const auto not_computed = [&] { return at::empty({0}, x.options()); };
   result.grad_hx = grad_h;
   result.grad_cx = grad_c;
+  if (wanted.input) {
+    result.grad_input = at::empty({rows, input_size}, x.options());
+    launch.matmul_out(result.grad_input, dz, w_ih, false);
+    result.grad_input = result.grad_input.view(layout.shape(input_size));
+  } else {
+    result.grad_input = not_computed();
+  }
+  if (!wanted.weights) {
+    result.grad_w_ih = not_computed();
+    result.grad_w_hh = not_computed();
+    result.grad_bias = not_computed();
+    result.grad_w_hr = not_computed();
+    return result;
+  }
   at::Tensor weight_grads = at::empty({gate_width, layer_inputs.size(1)}, x.options());
   launch.matmul_out(weight_grads, dz.t(), layer_inputs, false);
   result.grad_w_ih = weight_grads.narrow(1, 0, input_size).contiguous();
   result.grad_w_hh = weight_grads.narrow(1, input_size, output_size).contiguous();
-  result.grad_bias = has_bias ? weight_grads.select(1, bias_column).contiguous() : at::empty({0}, x.options());
+  result.grad_bias = has_bias ? weight_grads.select(1, bias_column).contiguous() : not_computed();
   if (w_hr.defined()) {
     const at::Tensor h_full =
         gate_values.narrow(gate_values.dim() - 1, 3 * hidden, hidden) * at::tanh(cell_states);
     result.grad_w_hr = at::empty({output_size, hidden}, x.options());
     launch.matmul_out(result.grad_w_hr, grad_projected.t(), h_full.reshape({rows, hidden}), false);
   } else {
-    result.grad_w_hr = at::empty({0}, x.options());
+    result.grad_w_hr = not_computed();
   }
   return result;
 }
@@ -534,13 +559,15 @@ lstm_layer_backward_impl(const Launchers& launch, const at::Tensor& grad_output,
                          const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                          const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
                          const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr,
-                         const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+                         const std::optional<at::Tensor>& batch_sizes, bool reverse, bool input_grad,
+                         bool weight_grad) {
   const char* op = "lstm_layer_backward";
   const StepLayout layout = make_layout(op, input, batch_sizes, reverse);
   check_lstm_backward_args(op, layout, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, &output, cells, gates,
                            w_hr.has_value() ? &*w_hr : nullptr);
   LayerBackward b = layer_backward(launch, Cell::kLstm, layout, grad_output, grad_cells, input, hx, cx, w_ih, w_hh,
-                                   output, cells, gates, has_bias, w_hr.value_or(at::Tensor()));
+                                   output, cells, gates, has_bias, GradsWanted{input_grad, weight_grad},
+                                   w_hr.value_or(at::Tensor()));
   return {b.grad_input, b.grad_hx, b.grad_cx, b.grad_w_ih, b.grad_w_hh, b.grad_bias, b.grad_w_hr};
 }
 
@@ -558,13 +585,15 @@ at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_impl(
     const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, bool has_bias,
-    std::string_view nonlinearity, const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+    std::string_view nonlinearity, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool input_grad,
+    bool weight_grad) {
   const char* op = "rnn_layer_backward";
   const Cell cell = parse_nonlinearity(nonlinearity, op);
   const StepLayout layout = make_layout(op, input, batch_sizes, reverse);
   check_rnn_backward_args(op, cell, layout, grad_output, input, hx, w_ih, w_hh, output);
   LayerBackward b = layer_backward(launch, cell, layout, grad_output, at::Tensor(), input, hx, at::Tensor(), w_ih,
-                                   w_hh, output, at::Tensor(), at::Tensor(), has_bias);
+                                   w_hh, output, at::Tensor(), at::Tensor(), has_bias,
+                                   GradsWanted{input_grad, weight_grad});
   return {b.grad_input, b.grad_hx, b.grad_w_ih, b.grad_w_hh, b.grad_bias};
 }
 
@@ -904,9 +933,9 @@ lstm_layer_backward_cpu(const at::Tensor& grad_output, const at::Tensor& grad_ce
                         const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                         const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias,
                         const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
-                        bool reverse) {
+                        bool reverse, bool input_grad, bool weight_grad) {
   return lstm_layer_backward_impl(kCpuLaunchers, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells,
-                                  gates, has_bias, w_hr, batch_sizes, reverse);
+                                  gates, has_bias, w_hr, batch_sizes, reverse, input_grad, weight_grad);
 }
 
 at::Tensor rnn_layer_cpu(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
@@ -919,9 +948,9 @@ at::Tensor rnn_layer_cpu(const at::Tensor& input, const at::Tensor& hx, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& output, bool has_bias, c10::string_view nonlinearity,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool input_grad, bool weight_grad) {
   return rnn_layer_backward_impl(kCpuLaunchers, grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity,
-                                 batch_sizes, reverse);
+                                 batch_sizes, reverse, input_grad, weight_grad);
 }
 
 }  // namespace

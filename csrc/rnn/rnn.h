@@ -63,13 +63,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_layer_impl(
 
 // (grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr); grad_bias
 // is the gradient of b_ih and of b_hh alike, shape [0] when has_bias is false;
-// grad_w_hr has shape [0] without a projection.
+// grad_w_hr has shape [0] without a projection. Without input_grad, grad_input has
+// shape [0], without weight_grad so have the weight and bias gradients (not computed).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 lstm_layer_backward_impl(const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& grad_cells,
                          const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih,
                          const at::Tensor& w_hh, const at::Tensor& output, const at::Tensor& cells,
                          const at::Tensor& gates, bool has_bias, const std::optional<at::Tensor>& w_hr,
-                         const std::optional<at::Tensor>& batch_sizes, bool reverse);
+                         const std::optional<at::Tensor>& batch_sizes, bool reverse, bool input_grad,
+                         bool weight_grad);
 
 // Elman RNN layer: output [T, B, H] (packed: [rows, H]).
 at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, const at::Tensor& hx,
@@ -77,11 +79,13 @@ at::Tensor rnn_layer_impl(const Launchers& launch, const at::Tensor& input, cons
                           const std::optional<at::Tensor>& b_hh, std::string_view nonlinearity,
                           const std::optional<at::Tensor>& batch_sizes, bool reverse);
 
-// (grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias).
+// (grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias); input_grad and weight_grad as
+// for the LSTM.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_impl(
     const Launchers& launch, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& output, bool has_bias,
-    std::string_view nonlinearity, const std::optional<at::Tensor>& batch_sizes, bool reverse);
+    std::string_view nonlinearity, const std::optional<at::Tensor>& batch_sizes, bool reverse, bool input_grad,
+    bool weight_grad);
 
 // The single-step cells: the layer with T = 1, input [B, I].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_impl(

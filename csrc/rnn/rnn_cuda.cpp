@@ -71,10 +71,10 @@ lstm_layer_backward_cuda(const at::Tensor& grad_output, const at::Tensor& grad_c
                          const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& w_ih, const at::Tensor& w_hh,
                          const at::Tensor& output, const at::Tensor& cells, const at::Tensor& gates, bool has_bias,
                          const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& batch_sizes,
-                         bool reverse) {
+                         bool reverse, bool input_grad, bool weight_grad) {
   const c10::cuda::CUDAGuard guard(input.device());
   return lstm_layer_backward_impl(kCudaLaunchers, grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells,
-                                  gates, has_bias, w_hr, batch_sizes, reverse);
+                                  gates, has_bias, w_hr, batch_sizes, reverse, input_grad, weight_grad);
 }
 
 at::Tensor rnn_layer_cuda(const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
@@ -88,10 +88,10 @@ at::Tensor rnn_layer_cuda(const at::Tensor& input, const at::Tensor& hx, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rnn_layer_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& hx, const at::Tensor& w_ih,
     const at::Tensor& w_hh, const at::Tensor& output, bool has_bias, c10::string_view nonlinearity,
-    const std::optional<at::Tensor>& batch_sizes, bool reverse) {
+    const std::optional<at::Tensor>& batch_sizes, bool reverse, bool input_grad, bool weight_grad) {
   const c10::cuda::CUDAGuard guard(input.device());
   return rnn_layer_backward_impl(kCudaLaunchers, grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity,
-                                 batch_sizes, reverse);
+                                 batch_sizes, reverse, input_grad, weight_grad);
 }
 
 }  // namespace

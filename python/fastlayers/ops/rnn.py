@@ -280,20 +280,20 @@ if _extension.available():
     @torch.library.register_fake("fastlayers::lstm_layer_backward")
     def _lstm_layer_backward_fake(
         grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, has_bias, w_hr=None,
-        batch_sizes=None, reverse=False,
+        batch_sizes=None, reverse=False, input_grad=True, weight_grad=True,
     ):
         check_args(
             "lstm_layer_backward", 4, input, hx, cx, w_ih, w_hh, None, None, layer=True, w_hr=w_hr,
             batch_sizes=batch_sizes,
         )
         return (
-            torch.empty_like(input, memory_format=torch.contiguous_format),
+            _grad_like(input, input_grad),
             hx.new_empty(hx.shape),
             cx.new_empty(cx.shape),
-            w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape),
-            input.new_empty(w_ih.shape[0] if has_bias else 0),
-            input.new_empty(w_hr.shape if w_hr is not None else (0,)),
+            _grad_like(w_ih, weight_grad),
+            _grad_like(w_hh, weight_grad),
+            input.new_empty(w_ih.shape[0] if has_bias and weight_grad else 0),
+            input.new_empty(w_hr.shape if w_hr is not None and weight_grad else (0,)),
         )
 
     @torch.library.register_fake("fastlayers::rnn_layer")
@@ -304,19 +304,30 @@ if _extension.available():
 
     @torch.library.register_fake("fastlayers::rnn_layer_backward")
     def _rnn_layer_backward_fake(
-        grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity, batch_sizes=None, reverse=False
+        grad_output, input, hx, w_ih, w_hh, output, has_bias, nonlinearity, batch_sizes=None, reverse=False,
+        input_grad=True, weight_grad=True,
     ):
         _check_nonlinearity("rnn_layer_backward", nonlinearity)
         check_args(
             "rnn_layer_backward", 1, input, hx, None, w_ih, w_hh, None, None, layer=True, batch_sizes=batch_sizes
         )
         return (
-            torch.empty_like(input, memory_format=torch.contiguous_format),
+            _grad_like(input, input_grad),
             hx.new_empty(hx.shape),
-            w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape),
-            input.new_empty(w_ih.shape[0] if has_bias else 0),
+            _grad_like(w_ih, weight_grad),
+            _grad_like(w_hh, weight_grad),
+            input.new_empty(w_ih.shape[0] if has_bias and weight_grad else 0),
         )
+
+    def _grad_like(t, computed):
+        """A layer backward's gradient of `t`: contiguous, or shape [0] when not computed."""
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if computed else t.new_empty(0)
+
+    def _wanted(ctx, weights):
+        """(input_grad, weight_grad) for the layer backward ops: whether autograd wants the
+        input's gradient, and any of the weights' and biases' (inputs at `weights`)."""
+        needs = ctx.needs_input_grad
+        return needs[0], any(needs[i] for i in weights if i < len(needs))
 
     def _bias_grads(ctx, grad_bias):
         b_ih, b_hh = ctx.has_b_ih, ctx.has_b_hh
@@ -359,13 +370,16 @@ if _extension.available():
                 (grad_output, grad_cells),
             )
             return (*grads, None, None)
+        input_grad, weight_grad = _wanted(ctx, range(3, 8))
         grads = torch.ops.fastlayers.lstm_layer_backward.default(
             grad_output, grad_cells, input, hx, cx, w_ih, w_hh, output, cells, gates, ctx.has_b_ih or ctx.has_b_hh,
-            w_hr, ctx.batch_sizes, ctx.reverse,
+            w_hr, ctx.batch_sizes, ctx.reverse, input_grad, weight_grad,
         )
         grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
+        if not weight_grad:
+            return (grad_input if input_grad else None, grad_hx, grad_cx, *(None for _ in range(7)))
         return (
-            grad_input,
+            grad_input if input_grad else None,
             grad_hx,
             grad_cx,
             grad_w_ih,
@@ -397,9 +411,15 @@ if _extension.available():
                     (grad_output,),
                 )
                 return (*grads, None, *(None for _ in layout))
+            # The layer op computes the input's and the weights' gradients only when wanted.
+            wanted = _wanted(ctx, range(2, 6)) if layer else (True, True)
             grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias = backward_op.default(
-                grad_output, input, hx, w_ih, w_hh, output, ctx.has_b_ih or ctx.has_b_hh, ctx.nonlinearity, *layout
+                grad_output, input, hx, w_ih, w_hh, output, ctx.has_b_ih or ctx.has_b_hh, ctx.nonlinearity, *layout,
+                *(wanted if layer else ())
             )
+            grad_input = grad_input if wanted[0] else None
+            if not wanted[1]:
+                return (grad_input, grad_hx, None, None, None, None, None, *(None for _ in layout))
             return (grad_input, grad_hx, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias), None,
                     *(None for _ in layout))
 
