@@ -88,10 +88,10 @@ FL_INLINE double pow2i(int64_t n) { return bits_to_double(static_cast<uint64_t>(
 // part has 32 trailing zero bits, so n * kLn2Hi is exact), then e^r by its Taylor
 // polynomial to degree 13 (truncation < 0.03 ulp), 1 added last. n is read from the
 // bits of the rounding sum rather than converted, which AVX2 and SSE2 cannot do for
-// doubles in a vector: `shifted`'s low mantissa bits hold n + 2^51.
+// doubles in a vector: the rounding sum's low mantissa bits hold n + 2^51.
 constexpr double kRoundMagicDouble = 6755399441055744.0;  // 1.5 * 2^52
 struct ExpPartsDouble {
-  double e_r, shifted;
+  double p, t;  // e^r, and the rounding sum (as the float version's p and t)
 };
 FL_INLINE ExpPartsDouble exp_parts(double x) {
   constexpr double kLog2e = 1.4426950408889634074;
@@ -121,15 +121,36 @@ FL_INLINE int64_t exp_exponent(double shifted) {
   return static_cast<int64_t>(double_to_bits(shifted) - double_to_bits(kRoundMagicDouble));
 }
 
+// 2^n from exp_parts' rounding sum t, for n in the normal range; from t's bits, not a
+// conversion to int (undefined for NaN): unsigned arithmetic, so any bits (NaN's
+// garbage exponent included) are defined.
+FL_INLINE double pow2_from_rounding(double t) { return pow2i(exp_exponent(t)); }
+FL_INLINE float pow2_from_rounding(float t) {
+  uint32_t t_bits, magic_bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
+  std::memcpy(&magic_bits, &kRoundMagic, sizeof(magic_bits));
+  return bits_to_float((t_bits - magic_bits + 127u) << 23);
+}
+
+// e^x for x <= 0 with one scaling: results under the smallest normal number
+// (x < flush_below) flush to 0; no overflow or NaN handling (NaN propagates through
+// the arithmetic).
+template <class T>
+FL_INLINE T exp_nonpositive_host(T x, T flush_below) {
+  const bool flush = x < flush_below;  // false for NaN, which then stays NaN below
+  const auto e = exp_parts(flush ? flush_below : x);
+  return flush ? T(0) : e.p * pow2_from_rounding(e.t);
+}
+
 // e^x for finite x; 2^n is applied in two halves so that results in the subnormal range
 // and overflow to +inf come out right.
 FL_INLINE double exp_finite(double x) {
   x = x > 710.0 ? 710.0 : x;
   x = x < -746.0 ? -746.0 : x;
   const ExpPartsDouble e = exp_parts(x);
-  const int64_t ni = exp_exponent(e.shifted);
+  const int64_t ni = exp_exponent(e.t);
   const int64_t n1 = ni >> 1;
-  return e.e_r * pow2i(n1) * pow2i(ni - n1);
+  return e.p * pow2i(n1) * pow2i(ni - n1);
 }
 
 }  // namespace detail
@@ -172,16 +193,7 @@ FL_HOST_DEVICE FL_INLINE float exp_nonpositive(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
 #else
-  constexpr float kFlushBelow = -87.33f;  // e^-87.33 = 1.183e-38, just above FLT_MIN
-  const bool flush = x < kFlushBelow;    // false for NaN, which then stays NaN below
-  const detail::ExpParts e = detail::exp_parts(flush ? kFlushBelow : x);
-  // n from t's bits, not a float -> int conversion (undefined for NaN); unsigned
-  // arithmetic, so any bits (NaN's garbage exponent included) are defined.
-  uint32_t t_bits, magic_bits;
-  std::memcpy(&t_bits, &e.t, sizeof(t_bits));
-  std::memcpy(&magic_bits, &detail::kRoundMagic, sizeof(magic_bits));
-  const float scale = detail::bits_to_float((t_bits - magic_bits + 127u) << 23);
-  return flush ? 0.0f : e.p * scale;
+  return detail::exp_nonpositive_host(x, -87.33f);  // e^-87.33 = 1.183e-38, just above FLT_MIN
 #endif
 }
 
@@ -193,12 +205,9 @@ FL_HOST_DEVICE FL_INLINE double exp_nonpositive(double x) {
 #if defined(__CUDA_ARCH__)
   return ::exp(x);
 #else
-  constexpr double kFlushBelow = -708.39;  // e^-708.39 = 2.2251e-308, just above DBL_MIN
-  const bool flush = x < kFlushBelow;     // false for NaN, which then stays NaN below
-  const detail::ExpPartsDouble e = detail::exp_parts(flush ? kFlushBelow : x);
-  // n >= -1022 here, so 2^n is one normal number: one scaling, no halves.
-  const double scale = detail::pow2i(detail::exp_exponent(e.shifted));
-  return flush ? 0.0 : e.e_r * scale;
+  // From -708.39 (e^-708.39 = 2.2251e-308, just above DBL_MIN) n >= -1022: 2^n is one
+  // normal number.
+  return detail::exp_nonpositive_host(x, -708.39);
 #endif
 }
 
