@@ -317,6 +317,8 @@ def rnn_layer_cases(draw):
         with_state=draw(st.booleans()),
         packed_lengths=draw(st.none() | st.lists(st.integers(1, 5), min_size=1, max_size=4)),
         unbatched=draw(st.booleans()),
+        # Leaves without grad: the layer backward then skips the input's or the weights' GEMM.
+        frozen=draw(st.sampled_from([None, "input", "weights"])),
     )
 
 
@@ -343,7 +345,12 @@ def test_fuzz_rnn_layers_match_reference(case, dtype, layout):
     state_batch = [] if unbatched else [batch]
     h0 = _leaf([layers, *state_batch, out_size], dtype)
     c0 = _leaf([layers, *state_batch, case["hidden"]], dtype)
+    if case["frozen"] == "input":
+        x.requires_grad_(False)
+    elif case["frozen"] == "weights":
+        module.requires_grad_(False)
     leaves = [x, *module.parameters()] + ([h0] + ([c0] if case["kind"] == "lstm" else []) if case["with_state"] else [])
+    leaves = [leaf for leaf in leaves if leaf.requires_grad]
     _count(case["kind"] + "_layer")
 
     def run():
