@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -100,8 +101,10 @@ def _layout(t: torch.Tensor, kind: str) -> torch.Tensor:
 layouts = st.sampled_from(["contiguous", "channels_last", "transposed", "strided", "expanded"])
 
 
-def _compare(run, leaves, dtype, what):
-    """run() under both backends: outputs and the gradients of every leaf agree."""
+def _compare(run, leaves, dtype, what, loss_masks=None):
+    """run() under both backends: outputs and the gradients of every leaf agree.
+    loss_masks: per output, where it enters the loss whose gradients are compared (None:
+    everywhere)."""
     torch.manual_seed(1)
     outputs = {}
     for backend in ("kernels", "reference"):
@@ -112,6 +115,8 @@ def _compare(run, leaves, dtype, what):
         out = out if isinstance(out, (tuple, list)) else (out,)
         out = [o for o in out if isinstance(o, torch.Tensor) and o.is_floating_point()]
         weights = [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o) if o.numel() else o for o in out]
+        if loss_masks is not None:
+            weights = [w * m for w, m in zip(weights, loss_masks)]
         total = sum((o * w).sum() for o, w in zip(out, weights) if o.requires_grad)
         grads = [None] * len(leaves)
         if isinstance(total, torch.Tensor):
@@ -204,7 +209,22 @@ def _run_conv_case(op, case, dtype, layout, weight_layout, name):
         return op(_layout(x, layout), _layout(w, weight_layout), b, stride=case["stride"], padding=case["padding"],
                   dilation=case["dilation"], groups=case["groups"])
 
-    _compare(run, leaves, dtype, f"{name} {case} {layout}/{weight_layout}")
+    _compare(run, leaves, dtype, f"{name} {case} {layout}/{weight_layout}",
+             loss_masks=[_off_relu_kink(_layout(x, layout), _layout(w, weight_layout), b, case, dtype)]
+             if name.endswith("relu") else None)
+
+
+def _off_relu_kink(x, w, b, case, dtype):
+    """Where the convolution's pre-activation is clear of ReLU's kink. Within a few
+    roundings of 0 its sign, and with it whether the gradient passes, is not defined by
+    the dtype: two correct float32 sums (ours, torch's) can fall on either side (found:
+    -7.7e-7 in float64, +1.7e-6 ours, 0 torch's, among values up to 60). Such outputs are
+    left out of the loss whose gradients the fuzz compares; their values are compared."""
+    with torch.no_grad():
+        z = F.conv2d(x.double(), w.double(), b.double() if b is not None else None, stride=case["stride"],
+                     padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
+    band = 64 * torch.finfo(dtype).eps * max(1.0, z.abs().max().item() if z.numel() else 0.0)
+    return (z.abs() > band).to(dtype)
 
 
 @FUZZ_SETTINGS
