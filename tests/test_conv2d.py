@@ -46,6 +46,7 @@ CASES = [
     (2, 80, 80, 9, 7, 3, 2, 1, 1, 80),
     (2, 4, 6, 11, 10, 3, 2, 1, 2, 1),  # stride 2, dilation 2: even input rows get no tap
     (1, 3, 4, 12, 13, (4, 3), (3, 2), (2, 0), (2, 3), 1),
+    (3, 37, 20, 5, 7, 1, 1, 0, 1, 1),  # 1x1 over several images: grad-weight reads NCHW in place
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
@@ -155,7 +156,8 @@ def test_output_memory_format_is_the_one_torch_gives(name, input_format, weight_
         assert y.is_contiguous(memory_format=fmt) == native.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[8], CASES[11]], ids=["k5s2", "depthwise", "c70to100", "c33"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[8], CASES[11], CASES[16]],
+                         ids=["k5s2", "depthwise", "c70to100", "c33", "1x1"])
 def test_every_cpu_isa_matches_the_oracle(cpu_isa, case):
     for dtype in (torch.float32, torch.float64):
         x, weight, bias, kwargs = _tensors(case, dtype, requires_grad=True)

@@ -237,6 +237,32 @@ def test_fuzz_conv2d_matches_reference(case, relu, dtype, layout, weight_layout)
 
 
 @st.composite
+def pointwise_conv_cases(draw):
+    """1x1, stride 1, unpadded, ungrouped: the passes that read a contiguous NCHW tensor in place."""
+    return dict(
+        batch=draw(st.integers(0, 3)),
+        groups=1,
+        in_channels=draw(st.integers(1, 40)),
+        out_channels=draw(st.integers(1, 40)),
+        kernel=(1, 1),
+        stride=(1, 1),
+        padding=(0, 0),
+        dilation=(1, 1),
+        size=[draw(st.integers(1, 12)), draw(st.integers(1, 12))],
+        bias=draw(st.booleans()),
+    )
+
+
+@FUZZ_SETTINGS
+@_SEED
+@given(case=pointwise_conv_cases(), relu=st.booleans(), dtype=dtypes, layout=layouts,
+       weight_layout=st.sampled_from(["contiguous", "channels_last", "transposed"]))
+def test_fuzz_pointwise_conv2d_matches_reference(case, relu, dtype, layout, weight_layout):
+    _run_conv_case(conv2d_relu if relu else conv2d, case, dtype, layout, weight_layout,
+                   "pointwise_conv2d_relu" if relu else "pointwise_conv2d")
+
+
+@st.composite
 def winograd_conv_cases(draw):
     """3x3, stride 1, undilated, ungrouped, >= 16 channels: the Winograd forward and grad-input."""
     padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
