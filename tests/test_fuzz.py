@@ -237,56 +237,40 @@ def test_fuzz_conv2d_matches_reference(case, relu, dtype, layout, weight_layout)
 
 
 @st.composite
-def pointwise_conv_cases(draw):
-    """1x1, stride 1, unpadded, ungrouped: the passes that read a contiguous NCHW tensor in place."""
+def stride1_conv_cases(draw, kernel, paddings, channels, batches):
+    """Square `kernel`, stride 1, undilated, ungrouped, padding from `paddings` (each side)."""
+    padding = (draw(paddings), draw(paddings))
     return dict(
-        batch=draw(st.integers(0, 3)),
+        batch=draw(batches),
         groups=1,
-        in_channels=draw(st.integers(1, 40)),
-        out_channels=draw(st.integers(1, 40)),
-        kernel=(1, 1),
-        stride=(1, 1),
-        padding=(0, 0),
-        dilation=(1, 1),
-        size=[draw(st.integers(1, 12)), draw(st.integers(1, 12))],
-        bias=draw(st.booleans()),
-    )
-
-
-@FUZZ_SETTINGS
-@_SEED
-@given(case=pointwise_conv_cases(), relu=st.booleans(), dtype=dtypes, layout=layouts,
-       weight_layout=st.sampled_from(["contiguous", "channels_last", "transposed"]))
-def test_fuzz_pointwise_conv2d_matches_reference(case, relu, dtype, layout, weight_layout):
-    _run_conv_case(conv2d_relu if relu else conv2d, case, dtype, layout, weight_layout,
-                   "pointwise_conv2d_relu" if relu else "pointwise_conv2d")
-
-
-@st.composite
-def winograd_conv_cases(draw):
-    """3x3, stride 1, undilated, ungrouped, >= 16 channels: the Winograd forward and grad-input."""
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    return dict(
-        batch=draw(st.integers(1, 2)),
-        groups=1,
-        in_channels=draw(st.integers(16, 40)),
-        out_channels=draw(st.integers(16, 40)),
-        kernel=(3, 3),
+        in_channels=draw(channels),
+        out_channels=draw(channels),
+        kernel=(kernel, kernel),
         stride=(1, 1),
         padding=padding,
         dilation=(1, 1),
-        size=[draw(st.integers(max(1, 3 - 2 * p), 12)) for p in padding],
+        size=[draw(st.integers(max(1, kernel - 2 * p), 12)) for p in padding],
         bias=draw(st.booleans()),
     )
 
 
+# 1x1 unpadded: the passes that read a contiguous NCHW tensor in place. 3x3 with >= 16
+# channels: the Winograd forward, grad-input and grad-weight.
+STRIDE1_FAMILIES = {
+    "pointwise_conv2d": stride1_conv_cases(1, st.just(0), st.integers(1, 40), st.integers(0, 3)),
+    "winograd_conv2d": stride1_conv_cases(3, st.integers(0, 2), st.integers(16, 40), st.integers(1, 2)),
+}
+
+
+@pytest.mark.parametrize("family", list(STRIDE1_FAMILIES))
 @FUZZ_SETTINGS
 @_SEED
-@given(case=winograd_conv_cases(), relu=st.booleans(), dtype=dtypes, layout=layouts,
+@given(data=st.data(), relu=st.booleans(), dtype=dtypes, layout=layouts,
        weight_layout=st.sampled_from(["contiguous", "channels_last", "transposed"]))
-def test_fuzz_winograd_conv2d_matches_reference(case, relu, dtype, layout, weight_layout):
+def test_fuzz_stride1_conv2d_families_match_reference(family, data, relu, dtype, layout, weight_layout):
+    case = data.draw(STRIDE1_FAMILIES[family], label="case")
     _run_conv_case(conv2d_relu if relu else conv2d, case, dtype, layout, weight_layout,
-                   "winograd_conv2d_relu" if relu else "winograd_conv2d")
+                   family + ("_relu" if relu else ""))
 
 
 @FUZZ_SETTINGS
