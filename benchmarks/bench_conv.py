@@ -1,7 +1,7 @@
 """2-D convolution against native PyTorch (oneDNN on the CPU, cuDNN on CUDA).
 
-Cases: 3x3 convolutions (padding 1, NCHW, float32) forward and forward+backward
-(grads of input, weight and bias), and the seed CNN's convolution blocks (batch 64,
+Cases: 3x3 convolutions (padding 1, NCHW, float32) and a 1x1 one (no padding) forward
+and forward+backward (grads of input, weight and bias), and the seed CNN's convolution blocks (batch 64,
 3x32x32: conv 3->32 + ReLU + max-pool 2, conv 32->64 + ReLU + max-pool 2), native
 torch.nn layers against fastlayers.nn.Conv2dReLUMaxPool2d. GFLOP/s counts the
 convolutions' multiply-adds (2 flops each): forward 1x, forward+backward 3x (the
@@ -24,10 +24,11 @@ from harness import Case, parse_args, run
 import fastlayers
 from fastlayers.functional import conv2d
 
-SHAPES = [  # (batch, in_channels, out_channels, size)
-    (32, 64, 128, 32),
-    (64, 32, 64, 16),
-    (8, 128, 128, 56),
+SHAPES = [  # (batch, in_channels, out_channels, size, kernel); padding kernel // 2
+    (32, 64, 128, 32, 3),
+    (64, 32, 64, 16, 3),
+    (8, 128, 128, 56, 3),
+    (32, 64, 128, 32, 1),
 ]
 
 
@@ -37,29 +38,30 @@ def conv_flops(batch, cin, cout, size, k=3):
 
 def conv_cases(device: str) -> list[Case]:
     cases = []
-    for batch, cin, cout, size in SHAPES:
+    for batch, cin, cout, size, k in SHAPES:
+        pad = k // 2
         x = torch.randn(batch, cin, size, size, device=device)
-        w = torch.randn(cout, cin, 3, 3, device=device) * (cin * 9) ** -0.5
+        w = torch.randn(cout, cin, k, k, device=device) * (cin * k * k) ** -0.5
         b = torch.randn(cout, device=device)
         g = torch.randn(batch, cout, size, size, device=device)
-        flops = conv_flops(batch, cin, cout, size)
+        flops = conv_flops(batch, cin, cout, size, k)
         nbytes = 4 * (x.numel() + w.numel() + g.numel())
-        tag = f"3x3 B={batch} C={cin}->{cout} {size}x{size} {device}"
-        params = {"batch": batch, "in_channels": cin, "out_channels": cout, "size": size}
+        tag = f"{k}x{k} B={batch} C={cin}->{cout} {size}x{size} {device}"
+        params = {"batch": batch, "in_channels": cin, "out_channels": cout, "size": size, "kernel": k}
 
-        def native_fwd(x=x, w=w, b=b):
-            return F.conv2d(x, w, b, padding=1)
+        def native_fwd(x=x, w=w, b=b, pad=pad):
+            return F.conv2d(x, w, b, padding=pad)
 
-        def ours_fwd(x=x, w=w, b=b):
-            return conv2d(x, w, b, padding=1)
+        def ours_fwd(x=x, w=w, b=b, pad=pad):
+            return conv2d(x, w, b, padding=pad)
 
         xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
 
-        def native_train(xr=xr, wr=wr, br=br, g=g):
-            return torch.autograd.grad(F.conv2d(xr, wr, br, padding=1), (xr, wr, br), g)
+        def native_train(xr=xr, wr=wr, br=br, g=g, pad=pad):
+            return torch.autograd.grad(F.conv2d(xr, wr, br, padding=pad), (xr, wr, br), g)
 
-        def ours_train(xr=xr, wr=wr, br=br, g=g):
-            return torch.autograd.grad(conv2d(xr, wr, br, padding=1), (xr, wr, br), g)
+        def ours_train(xr=xr, wr=wr, br=br, g=g, pad=pad):
+            return torch.autograd.grad(conv2d(xr, wr, br, padding=pad), (xr, wr, br), g)
 
         cases.append(Case(f"forward {tag}", native_fwd, ours_fwd, flops, nbytes, device, params))
         cases.append(Case(f"fwd+bwd {tag}", native_train, ours_train, 3 * flops, 3 * nbytes, device, params))
