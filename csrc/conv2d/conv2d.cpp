@@ -270,7 +270,6 @@ struct ConvPass {
   bool relu = false;
 };
 
-// Offsets of the receptive-field corners of output pixels (n, oh, ow) in `image`.
 // Element strides of a pass's image: one image, a row, a column, a channel.
 struct ImageSteps {
   int64_t image, row, col, channel;
@@ -282,6 +281,7 @@ ImageSteps image_steps(const ConvPass& p) {
   return {rows * cols * channels, cols * col, col, p.nchw ? rows * cols : 1};
 }
 
+// Offsets of the receptive-field corners of output pixels (n, oh, ow) in `image`.
 std::vector<int64_t> pixel_offsets(const ConvPass& p) {
   const ImageSteps step = image_steps(p);
   std::vector<int64_t> offsets(size_t(p.image.size(0) * p.out_h * p.out_w));
@@ -308,8 +308,9 @@ std::vector<int64_t> field_offsets(const ConvPass& p) {
 // A 1x1, stride-1, unpadded, ungrouped convolution over a contiguous NCHW tensor reads
 // it in place (ConvPass::nchw): a pass's A rows are pixels (adjacent elements) and its
 // depth the channels (H * W apart), so the NHWC placement, a transpose through memory,
-// is not needed. Measured at B=32 C=64->128 32x32: grad-weight 3.8 -> 2.8 ms, at
-// C=128->64 28x28 2.6 -> 1.2 ms.
+// is not needed (it took 30-40% of the 1x1 grad passes' samples). Measured against
+// torch at B=32 C=64->128 32x32: grad-input 0.73x -> 1.56x, grad-weight (whose
+// grad_output is still placed) 0.66x -> 0.89x, the module's train step 0.76x -> 1.05x.
 bool reads_nchw_in_place(const at::Tensor& t, const Geometry& g) {
   return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 &&
          g.pad_w == 0 && g.groups == 1 && t.is_contiguous();
