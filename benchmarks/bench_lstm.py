@@ -91,26 +91,13 @@ def make_cases(device: str, quick: bool = False) -> list[Case]:
                     {**params, "mode": "inference"},
                 )
             )
-    cases.append(_data_input_train_case(device))
+    # The H=256 LSTM train step on data that needs no gradient (a model's first layer):
+    # the layer backward then skips the input's gradient GEMM (torch's computes it).
+    cases.append(_lstm_train_case(device, SIZES[1], input_grad=False))
     if not quick:
-        cases.append(_large_lstm_train_case(device))
+        cases.append(_lstm_train_case(device, LARGE_SIZE))
     cases.extend(_off_onednn_cases(device))
     return cases
-
-
-def _data_input_train_case(device: str) -> Case:
-    """The H=256 LSTM train step on data that needs no gradient (a model's first layer):
-    the layer backward then skips the input's gradient GEMM (torch's computes it)."""
-    batch, steps, input_size, hidden, layers = SIZES[1]
-    native = torch.nn.LSTM(input_size, hidden, num_layers=layers, device=device)
-    ours = fnn.LSTM.from_torch(native)
-    x = torch.randn(steps, batch, input_size, device=device)
-    # The work needed: forward, recurrent and weight gradients, no input gradient.
-    flops = 3 * gemm_flops("lstm", batch, steps, input_size, hidden, layers) - 2.0 * steps * batch * 4 * hidden * input_size
-    tag = f"lstm input without grad B={batch} T={steps} I={input_size} H={hidden} L={layers} {device}"
-    params = {"kind": "lstm", "batch": batch, "steps": steps, "input_size": input_size, "hidden_size": hidden,
-              "num_layers": layers, "input_grad": False}
-    return _train_case(f"train {tag}", native, ours, x, flops, device, params)
 
 
 def _train_case(name: str, native: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor, flops: float,
@@ -122,15 +109,22 @@ def _train_case(name: str, native: torch.nn.Module, ours: torch.nn.Module, x: to
     return Case(name, lambda: train(native), lambda: train(ours), flops, 0.0, device, {**params, "mode": "train"})
 
 
-def _large_lstm_train_case(device: str) -> Case:
-    batch, steps, input_size, hidden, layers = LARGE_SIZE
+def _lstm_train_case(device: str, size: tuple, input_grad: bool = True) -> Case:
+    """The LSTM train step at `size`; without input_grad the input needs no gradient and
+    the work counted leaves out the input gradient's GEMM."""
+    batch, steps, input_size, hidden, layers = size
     native = torch.nn.LSTM(input_size, hidden, num_layers=layers, device=device)
     ours = fnn.LSTM.from_torch(native)
-    x = torch.randn(steps, batch, input_size, device=device, requires_grad=True)
+    x = torch.randn(steps, batch, input_size, device=device, requires_grad=input_grad)
     flops = 3 * gemm_flops("lstm", batch, steps, input_size, hidden, layers)
-    tag = f"lstm B={batch} T={steps} I={input_size} H={hidden} L={layers} {device}"
+    if not input_grad:
+        flops -= 2.0 * steps * batch * 4 * hidden * input_size
+    without = "" if input_grad else "input without grad "
+    tag = f"lstm {without}B={batch} T={steps} I={input_size} H={hidden} L={layers} {device}"
     params = {"kind": "lstm", "batch": batch, "steps": steps, "input_size": input_size, "hidden_size": hidden,
               "num_layers": layers}
+    if not input_grad:
+        params["input_grad"] = False
     return _train_case(f"train {tag}", native, ours, x, flops, device, params)
 
 

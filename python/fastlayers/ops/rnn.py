@@ -333,6 +333,12 @@ if _extension.available():
         b_ih, b_hh = ctx.has_b_ih, ctx.has_b_hh
         return (grad_bias if b_ih else None), (grad_bias if b_hh else None)
 
+    def _weight_grads(ctx, computed, grad_w_ih, grad_w_hh, grad_bias, *more):
+        """The weights' and biases' gradients as a backward returns them; all None when the
+        layer op left them out (weight_grad false)."""
+        grads = (grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias), *more)
+        return grads if computed else (None,) * len(grads)
+
     # LSTM (cell and layer): the activated gates are an implementation output, not differentiable.
     def _lstm_setup_context(ctx, inputs, output):
         input, hx, cx, w_ih, w_hh, b_ih, b_hh = inputs[:7]
@@ -376,16 +382,11 @@ if _extension.available():
             w_hr, ctx.batch_sizes, ctx.reverse, input_grad, weight_grad,
         )
         grad_input, grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr = grads
-        if not weight_grad:
-            return (grad_input if input_grad else None, grad_hx, grad_cx, *(None for _ in range(7)))
         return (
             grad_input if input_grad else None,
             grad_hx,
             grad_cx,
-            grad_w_ih,
-            grad_w_hh,
-            *_bias_grads(ctx, grad_bias),
-            grad_w_hr if w_hr is not None else None,
+            *_weight_grads(ctx, weight_grad, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr if w_hr is not None else None),
             None,
             None,
         )
@@ -412,16 +413,13 @@ if _extension.available():
                 )
                 return (*grads, None, *(None for _ in layout))
             # The layer op computes the input's and the weights' gradients only when wanted.
-            wanted = _wanted(ctx, range(2, 6)) if layer else (True, True)
+            input_grad, weight_grad = _wanted(ctx, range(2, 6)) if layer else (True, True)
             grad_input, grad_hx, grad_w_ih, grad_w_hh, grad_bias = backward_op.default(
                 grad_output, input, hx, w_ih, w_hh, output, ctx.has_b_ih or ctx.has_b_hh, ctx.nonlinearity, *layout,
-                *(wanted if layer else ())
+                *((input_grad, weight_grad) if layer else ())
             )
-            grad_input = grad_input if wanted[0] else None
-            if not wanted[1]:
-                return (grad_input, grad_hx, None, None, None, None, None, *(None for _ in layout))
-            return (grad_input, grad_hx, grad_w_ih, grad_w_hh, *_bias_grads(ctx, grad_bias), None,
-                    *(None for _ in layout))
+            return (grad_input if input_grad else None, grad_hx,
+                    *_weight_grads(ctx, weight_grad, grad_w_ih, grad_w_hh, grad_bias), None, *(None for _ in layout))
 
         return backward
 
