@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "bias_act/bias_act_math.h"
+#include "common/cpu_scalar.h"
 #include "common/cpu_transpose.h"
 #include "conv2d/conv2d_kernel.h"
 
@@ -71,6 +72,17 @@ FL_INLINE typename VecOf<T>::type load_vec(const T* p) {
 template <class T>
 FL_INLINE void store_vec(T* p, typename VecOf<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// Lanes [0, count) of a vector (0 < count <= W), masked (cpu::load_bytes).
+template <class T>
+FL_INLINE typename VecOf<T>::type load_lanes(const T* p, int count) {
+  return cpu::load_bytes<typename VecOf<T>::type>(p, count * static_cast<int>(sizeof(T)));
+}
+
+template <class T>
+FL_INLINE void store_lanes(T* p, typename VecOf<T>::type v, int count) {
+  cpu::store_bytes(p, v, count * static_cast<int>(sizeof(T)));
 }
 
 struct TileArgs {
@@ -135,7 +147,6 @@ void tile_kernel(const TileArgs& t) {
     for (int v = 0; v < V; ++v) bias[v] = load_vec(bias_ptr + v * W);
   }
   const Vec zero = Vec{};
-  T scratch[V * W];
   for (int r = 0; r < R; ++r) {
     T* c_row = c + r * t.ldc;
     if (t.valid_columns == V * W) {
@@ -149,14 +160,18 @@ void tile_kernel(const TileArgs& t) {
         store_vec(c_row + v * W, x);
       }
     } else {  // the last column tile: only valid_columns of the V * W lanes exist in C
-      for (int v = 0; v < V; ++v) store_vec(scratch + v * W, acc[r][v]);
-      const T* bias_ptr = static_cast<const T*>(t.bias);
-      for (int64_t j = 0; j < t.valid_columns; ++j) {
-        T x = scratch[j];
-        if (t.accumulate) x += c_row[j];
-        if (bias_ptr) x += bias_ptr[j];
-        if (t.relu) x = bias_act::activation_forward<bias_act::Activation::kRelu, T>(x);
-        c_row[j] = x;
+      for (int v = 0; v < V; ++v) {
+        const int lanes = static_cast<int>(std::min<int64_t>(W, t.valid_columns - v * W));
+        if (lanes <= 0) break;
+        Vec x = acc[r][v];
+        if (t.accumulate) x += lanes == W ? load_vec(c_row + v * W) : load_lanes(c_row + v * W, lanes);
+        if (t.bias) x += bias[v];
+        if (t.relu) x = x < zero ? zero : x;
+        if (lanes == W) {
+          store_vec(c_row + v * W, x);
+        } else {
+          store_lanes(c_row + v * W, x, lanes);
+        }
       }
     }
   }

@@ -240,10 +240,14 @@ void gemm_tile(const S* a, int64_t lda, const S* panel, int64_t k, S* c, int64_t
       for (int v = 0; v < Vectors; ++v) {
         store_vec(row + v * kWidth, accumulate ? load_vec(row + v * kWidth) + acc[r][v] : acc[r][v]);
       }
-    } else {
-      S tile[Vectors * kWidth];
-      for (int v = 0; v < Vectors; ++v) store_vec(tile + v * kWidth, acc[r][v]);
-      for (int j = 0; j < cols; ++j) row[j] = accumulate ? row[j] + tile[j] : tile[j];
+    } else {  // masked, straight from the registers (cpu::store_bytes)
+      for (int v = 0; v < Vectors; ++v) {
+        const int bytes = (std::min(kWidth, cols - v * kWidth)) * static_cast<int>(sizeof(S));
+        if (bytes <= 0) break;
+        Vec x = acc[r][v];
+        if (accumulate) x += cpu::load_bytes<Vec>(row + v * kWidth, bytes);
+        cpu::store_bytes(row + v * kWidth, x, bytes);
+      }
     }
   }
 }
