@@ -53,6 +53,9 @@ CASES = [
     (2, 12, 10, 9, 11, 3, 2, 1, 1, 1),
     (2, 20, 8, 11, 10, 3, 2, 1, 1, 1),
     (1, 36, 12, 12, 13, (3, 2), (2, 3), (1, 0), (2, 1), 2),
+    # stride 1, <= 6 output channels a group: the forward through columns too
+    # (forward_by_columns), here with a dilated, non-square kernel.
+    (2, 7, 5, 10, 11, (5, 3), 1, (2, 0), (1, 2), 1),
 ]
 CASE_IDS = [f"case{i}" for i in range(len(CASES))]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
@@ -162,8 +165,8 @@ def test_output_memory_format_is_the_one_torch_gives(name, input_format, weight_
         assert y.is_contiguous(memory_format=fmt) == native.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[8], CASES[11], CASES[16], CASES[17], CASES[18]],
-                         ids=["k5s2", "depthwise", "c70to100", "c33", "1x1", "c12s2", "c20s2"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[8], CASES[11], CASES[16], CASES[17], CASES[18], CASES[20]],
+                         ids=["k5s2", "depthwise", "c70to100", "c33", "1x1", "c12s2", "c20s2", "c7to5"])
 def test_every_cpu_isa_matches_the_oracle(cpu_isa, case):
     for dtype in (torch.float32, torch.float64):
         x, weight, bias, kwargs = _tensors(case, dtype, requires_grad=True)
@@ -247,6 +250,28 @@ def test_winograd_forward_keeps_torchs_infs_and_nans(where):
         assert torch.equal(actual.isnan(), native.isnan()) and torch.equal(actual.isinf(), native.isinf())
         finite = native.isfinite()
         torch.testing.assert_close(actual[finite], native[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["input_inf", "input_nan", "weight_inf", "bias_nan"])
+def test_narrow_output_forward_keeps_torchs_infs_and_nans(where):
+    # 3 output channels, stride 1: the forward sums columns (forward_by_columns), which
+    # never multiply the zero padding. An infinite weight therefore sends the call to the
+    # direct pass, whose sum over the padding gives torch's 0 * inf = NaN at the edges.
+    x, weight, bias = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 5, 8, 9), (3, 5, 3, 3), (3,)))
+    if where == "input_inf":
+        x[0, 3, 2, 5] = float("inf")
+    elif where == "input_nan":
+        x[1, 0, 7, 8] = float("nan")
+    elif where == "weight_inf":
+        weight[1, 2, 0, 1] = float("-inf")
+    else:
+        bias[2] = float("nan")
+    for name in ("conv2d", "conv2d_relu"):
+        actual = OPS[name][0](x, weight, bias, padding=1)
+        native = _native_forward(name, x, weight, bias, dict(padding=1))
+        assert torch.equal(actual.isnan(), native.isnan()) and torch.equal(actual.isinf(), native.isinf())
+        finite = native.isfinite()
+        torch.testing.assert_close(actual[finite], native[finite])
 
 
 @pytest.mark.parametrize("where", ["grad_output", "input"])

@@ -575,6 +575,116 @@ at::Tensor winograd_forward(const at::Tensor& input, const at::Tensor& u, const 
   return finite ? out : at::Tensor();
 }
 
+// Whether every element of a contiguous float or double tensor is finite: an integer
+// test of the exponent bits (all ones: inf or NaN) that the compiler vectorizes, a few
+// microseconds for a large layer's weight.
+template <class T, class Bits>
+bool all_finite_typed(const at::Tensor& t) {
+  static_assert(sizeof(T) == sizeof(Bits));
+  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  const Bits* bits = reinterpret_cast<const Bits*>(t.const_data_ptr<T>());
+  const int64_t n = t.numel();
+  Bits non_finite = 0;
+  for (int64_t i = 0; i < n; ++i) non_finite |= Bits((bits[i] & kExponent) == kExponent);
+  return non_finite == 0;
+}
+
+bool all_finite(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return c.scalar_type() == at::kDouble ? all_finite_typed<double, uint64_t>(c) : all_finite_typed<float, uint32_t>(c);
+}
+
+// The two steps of ColumnsToImageArgs into `dst` ([N, C, H, W], any strides): the offset
+// GEMM `p` over the source image's pixels (rows; depth = a group's source channels, a 1x1
+// field) gives each pixel's (g, kh, kw, channel) columns, then every destination row
+// sums them (columns_to_image). Images are taken in chunks so that the columns of a
+// chunk stay within a few MB (L3).
+void run_columns(const ConvPass& p, ColumnsToImageArgs args, at::Tensor& dst) {
+  const int64_t batch = p.image.size(0), element = p.image.element_size();
+  args.ldc = p.groups * p.out_columns;
+  args.src_h = p.image.size(p.nchw ? 2 : 1);
+  args.src_w = p.image.size(p.nchw ? 3 : 2);
+  args.dst_h = dst.size(2);
+  args.dst_w = dst.size(3);
+  for (int d = 0; d < 4; ++d) args.out_stride[d] = dst.stride(d);
+  args.dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  constexpr int64_t kChunkBytes = int64_t{4} << 20;
+  const int64_t image_bytes = args.src_h * args.src_w * args.ldc * element;
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, image_bytes));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 13) / std::max<int64_t>(1, args.dst_w * dst.size(1)));
+  for (int64_t first = 0; first < batch; first += chunk) {
+    const int64_t images = std::min(chunk, batch - first);
+    ConvPass part = p;
+    part.image = p.image.narrow(0, first, images);
+    part.out_h = args.src_h;
+    part.out_w = args.src_w;
+    const at::Tensor columns = run_pass(part, /*channels_last=*/true);  // [images][src_h][src_w][ldc] in memory
+    ColumnsToImageArgs chunk_args = args;
+    chunk_args.columns = columns.const_data_ptr();
+    chunk_args.out = static_cast<char*>(dst.mutable_data_ptr()) + first * dst.stride(0) * element;
+    at::parallel_for(0, images * args.dst_h, grain,
+                     [&](int64_t begin, int64_t end) { kernels.columns_to_image(chunk_args, begin, end); });
+  }
+}
+
+ColumnsToImageArgs columns_geometry(const Geometry& g, bool forward) {
+  ColumnsToImageArgs args;
+  args.forward = forward;
+  args.kernel_h = g.kernel_h;
+  args.kernel_w = g.kernel_w;
+  args.stride_h = g.stride_h;
+  args.stride_w = g.stride_w;
+  args.pad_h = g.pad_h;
+  args.pad_w = g.pad_w;
+  args.dilation_h = g.dilation_h;
+  args.dilation_w = g.dilation_w;
+  args.groups = g.groups;
+  args.per_group = forward ? g.out_per_group() : g.in_per_group();
+  return args;
+}
+
+// Whether the forward goes through columns (ColumnsToImageArgs): a stride-1 layer with at
+// most 6 output channels a group (the one-pass GEMM's columns: a few lanes of a vector)
+// and a finite weight. The columns path never multiplies the zero padding, where torch's
+// sum makes 0 * inf = NaN; with a stride it would compute the columns of input pixels
+// no output pixel pairs with. Measured (2 threads, ratio to torch's forward / train
+// step, direct -> columns): 3x3 C=64->3 64x64 0.81x -> 2.60x / 0.96x -> 1.23x, C=64->1
+// 0.78x -> 4.48x / 0.90x -> 1.46x, 7x7 C=64->3 0.65x -> 2.33x / 0.90x -> 1.32x, C=32->6
+// 0.87x -> 1.32x / 0.94x -> 1.09x, float64 C=64->3 3.6x -> 7.9x; C=32->8 0.81x -> 0.98x
+// forward but a slower train step, C=32->12 slower in both.
+bool forward_by_columns(const Geometry& g, const at::Tensor& w) {
+  const bool depthwise = g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1;
+  if (depthwise || g.kernel_h * g.kernel_w == 1 || g.stride_h > 1 || g.stride_w > 1) return false;
+  return g.out_per_group() <= 6 && all_finite(w);
+}
+
+// The forward through columns: the input (read in place when contiguous and ungrouped,
+// else NHWC, unpadded) against the weight as [G][ci][(kh, kw, co)]; bias and ReLU as
+// each output pixel is summed.
+at::Tensor forward_columns(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                           const Geometry& g, bool relu, bool channels_last) {
+  ConvPass p;
+  p.nchw = g.groups == 1 && x.is_contiguous();  // its GEMM is a 1x1 convolution: read in place
+  p.image = p.nchw ? x : place_nhwc(x, g.height, g.width, 0, 0, 1, 1);
+  p.groups = g.groups;
+  p.depth_channels = g.in_per_group();
+  p.out_columns = g.kernel_h * g.kernel_w * g.out_per_group();
+  // B[g][ci][(kh, kw, co)] = weight[g * out_per_group + co, ci, kh, kw]
+  p.packed = pad_columns(w.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w})
+                             .permute({0, 2, 3, 4, 1})
+                             .reshape({g.groups, g.in_per_group(), p.out_columns}));
+  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
+                             x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous));
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  ColumnsToImageArgs args = columns_geometry(g, /*forward=*/true);
+  args.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  args.relu = relu;
+  run_columns(p, args, out);
+  return out;
+}
+
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                       bool relu) {
@@ -586,6 +696,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
     const at::Tensor out = winograd_forward(x, winograd_weight(w), b, g, relu, channels_last);
     if (out.defined()) return out.to(input.scalar_type());
   }
+  if (forward_by_columns(g, w)) return forward_columns(x, w, b, g, relu, channels_last).to(input.scalar_type());
   return run_pass(forward_pass(x, w, b, g, relu), channels_last).to(input.scalar_type());
 }
 
@@ -608,25 +719,6 @@ PhaseTaps phase_taps(int64_t phase, int64_t kernel, int64_t stride, int64_t pad,
   if (!t.taps.empty()) t.first_offset = (phase + pad - t.taps[0] * dilation) / stride;  // exact
   if (t.taps.size() > 1) t.offset_step = (t.taps[0] - t.taps[1]) * dilation / stride;
   return t;
-}
-
-// Whether every element of a contiguous float or double tensor is finite: an integer
-// test of the exponent bits (all ones: inf or NaN) that the compiler vectorizes, a few
-// microseconds for a large layer's weight.
-template <class T, class Bits>
-bool all_finite_typed(const at::Tensor& t) {
-  static_assert(sizeof(T) == sizeof(Bits));
-  constexpr Bits kExponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
-  const Bits* bits = reinterpret_cast<const Bits*>(t.const_data_ptr<T>());
-  const int64_t n = t.numel();
-  Bits non_finite = 0;
-  for (int64_t i = 0; i < n; ++i) non_finite |= Bits((bits[i] & kExponent) == kExponent);
-  return non_finite == 0;
-}
-
-bool all_finite(const at::Tensor& t) {
-  const at::Tensor c = t.contiguous();
-  return c.scalar_type() == at::kDouble ? all_finite_typed<double, uint64_t>(c) : all_finite_typed<float, uint32_t>(c);
 }
 
 // EdgeGeometry's exact sum over the taps that land inside grad_output, written over
@@ -721,77 +813,36 @@ at::Tensor grad_input_passes(const at::Tensor& go, const at::Tensor& weight, con
 // Whether grad-input goes through columns (ColumnsToImageArgs) instead of the stride
 // phases, whose GEMM columns are a group's input channels: a few lanes of a vector for
 // narrow groups, and, with a stride, one placed grad_output a phase. Measured against
-// both on this machine (2 threads; ratios to torch, phases -> columns): strided, up to 16
-// channels a group: the 7x7 stride-2 RGB stem 0.65x -> 1.70x (float64 0.43x -> 0.81x),
-// 3x3 stride 2 C=8 0.93x -> 1.31x, C=16 0.97x -> 1.17x (C=32: 0.84x -> 0.80x, kept on
-// the phases). Stride 1: the columns (taps x channels a pixel, written and read back)
-// cost more memory than the phase pass's idle lanes from ~8 float channels (C=3 0.74x ->
-// 1.28x, C=6 0.72x -> 1.10x, C=8 0.73x -> 0.68x; float64 C=3 0.68x -> 0.62x).
-// Depthwise layers keep their channel-vectorized pass; 1x1 layers have one column a channel.
-bool grad_input_by_columns(const Geometry& g, const at::Tensor& go) {
+// both on this machine (2 threads; ratios to torch's grad-input, phases -> columns): the
+// 7x7 stride-2 RGB stem 0.65x -> 2.12x (float64 0.43x -> 1.37x), 3x3 stride 2 C=8 0.93x
+// -> 1.27x, C=16 0.97x -> 1.14x, stride 1 C=3 0.74x -> 1.75x (float64 0.57x -> 1.17x),
+// C=8 0.68x -> 0.80x, 5x5 C=15 0.60x -> 0.70x, 5x5 C=1 0.61x -> 2.67x; from 32 channels
+// the phases were faster (3x3 stride 2: 0.84x -> 0.80x). Depthwise layers keep their
+// channel-vectorized pass; 1x1 layers have one column a channel.
+bool grad_input_by_columns(const Geometry& g) {
   const bool depthwise = g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1;
-  if (depthwise || g.kernel_h * g.kernel_w == 1) return false;
-  if (g.stride_h > 1 || g.stride_w > 1) return g.in_per_group() <= 16;
-  return go.scalar_type() == at::kFloat && g.in_per_group() <= 6;
+  return !depthwise && g.kernel_h * g.kernel_w > 1 && g.in_per_group() <= 16;
 }
 
-// grad-input through columns: one offset-GEMM pass over grad_output (NHWC, rows = output
-// pixels, depth = a group's output channels) against the weight as [G][co][(kh, kw,
-// ci)] gives each output pixel's (g, kh, kw, ci) columns; every input row then gathers
-// them (columns_to_image). Images are taken in chunks so that the columns of a chunk
-// stay within a few MB (L3). The result has the compute dtype, NCHW or channels_last as
-// grad_output.
+// grad-input through columns: grad_output (read in place when contiguous and ungrouped,
+// else NHWC) against the weight as [G][co][(kh, kw, ci)]. The result has the compute
+// dtype, NCHW or channels_last as grad_output.
 at::Tensor grad_input_columns(const at::Tensor& go, const at::Tensor& weight, const Geometry& g) {
   const bool channels_last = go.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  const int64_t group_columns = g.kernel_h * g.kernel_w * g.in_per_group();
   ConvPass p;
-  p.image = place_nhwc(go, g.out_h, g.out_w, 0, 0, 1, 1);
-  p.out_h = g.out_h;
-  p.out_w = g.out_w;
+  p.nchw = g.groups == 1 && go.is_contiguous();  // its GEMM is a 1x1 convolution: read in place
+  p.image = p.nchw ? go : place_nhwc(go, g.out_h, g.out_w, 0, 0, 1, 1);
   p.groups = g.groups;
   p.depth_channels = g.out_per_group();
-  p.out_columns = group_columns;
+  p.out_columns = g.kernel_h * g.kernel_w * g.in_per_group();
   // B[g][co][(kh, kw, ci)] = weight[g * out_per_group + co, ci, kh, kw]
   p.packed = pad_columns(weight.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w})
                              .permute({0, 1, 3, 4, 2})
-                             .reshape({g.groups, g.out_per_group(), group_columns}));
+                             .reshape({g.groups, g.out_per_group(), p.out_columns}));
   at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.height, g.width},
                                     go.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                              : at::MemoryFormat::Contiguous));
-  ColumnsToImageArgs args;
-  args.ldc = g.groups * group_columns;
-  args.height = g.height;
-  args.width = g.width;
-  args.out_h = g.out_h;
-  args.out_w = g.out_w;
-  args.kernel_h = g.kernel_h;
-  args.kernel_w = g.kernel_w;
-  args.stride_h = g.stride_h;
-  args.stride_w = g.stride_w;
-  args.pad_h = g.pad_h;
-  args.pad_w = g.pad_w;
-  args.dilation_h = g.dilation_h;
-  args.dilation_w = g.dilation_w;
-  args.groups = g.groups;
-  args.in_per_group = g.in_per_group();
-  for (int d = 0; d < 4; ++d) args.out_stride[d] = grad_input.stride(d);
-  args.dtype = go.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
-  const CpuKernels& kernels = conv2d_cpu_kernels_select();
-  constexpr int64_t kChunkBytes = int64_t{4} << 20;
-  const int64_t image_bytes = g.out_h * g.out_w * args.ldc * go.element_size();
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, image_bytes));
-  for (int64_t first = 0; first < g.batch; first += chunk) {
-    const int64_t images = std::min(chunk, g.batch - first);
-    ConvPass part = p;
-    part.image = p.image.narrow(0, first, images);
-    const at::Tensor columns = run_pass(part, /*channels_last=*/true);  // [images][out_h][out_w][ldc] in memory
-    ColumnsToImageArgs chunk_args = args;
-    chunk_args.columns = columns.const_data_ptr();
-    chunk_args.out = static_cast<char*>(grad_input.mutable_data_ptr()) + first * grad_input.stride(0) * go.element_size();
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 13) / std::max<int64_t>(1, g.width * g.in_channels));
-    at::parallel_for(0, images * g.height, grain,
-                     [&](int64_t begin, int64_t end) { kernels.columns_to_image(chunk_args, begin, end); });
-  }
+  run_columns(p, columns_geometry(g, /*forward=*/false), grad_input);
   return grad_input;
 }
 
@@ -825,7 +876,7 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   const at::Tensor w = to_compute(weight);
   at::Tensor grad_input = winograd_grad_input(go, w, g);
   if (!grad_input.defined()) {
-    grad_input = grad_input_by_columns(g, go) ? grad_input_columns(go, w, g) : grad_input_passes(go, w, g);
+    grad_input = grad_input_by_columns(g) ? grad_input_columns(go, w, g) : grad_input_passes(go, w, g);
   }
   // The passes multiply taps landing outside grad_output by zeros: exact unless a weight
   // is NaN or infinite. One reduction over the (small) weight decides; only then are the

@@ -918,63 +918,78 @@ void winograd_weight_grad(const WinogradWeightGradArgs& args, int64_t chunk_begi
   winograd_weight_grad_typed<float>(args, chunk_begin, chunk_end);
 }
 
-// Each task gathers its input row pixel by pixel: for each group, a vector of the group's
-// channels (W at a time) sums the (kh, kw) columns of the output pixels whose
-// taps reach the pixel, in (kh, kw) order, in registers (loads only: a scatter of adds
-// into a row buffer re-read each pixel's lanes right after storing them). Then one store
-// per pixel and group, to the destination (channels_last) or to a row buffer transposed
+// The source position destination position `dst` pairs with through tap k, when it exists
+// (ColumnsToImageArgs).
+FL_INLINE bool column_source(bool forward, int64_t dst, int64_t k, int64_t stride, int64_t pad, int64_t dilation,
+                             int64_t src_size, int64_t& src) {
+  if (!forward) return conv2d::tap_source(dst, k, stride, pad, dilation, src_size, src);
+  src = dst * stride - pad + k * dilation;
+  return src >= 0 && src < src_size;
+}
+
+// Each task gathers its destination row pixel by pixel: for each group, a vector of the
+// group's channels (W at a time) sums the (kh, kw) columns of the source pixels paired
+// with the pixel, in (kh, kw) order, in registers (loads only: a scatter of adds into a
+// row buffer re-read each pixel's lanes right after storing them). Then one store per
+// pixel and group, to the destination (channels_last) or to a row buffer transposed
 // into the NCHW planes.
 template <class T>
 void columns_to_image_typed(const ColumnsToImageArgs& a, int64_t task_begin, int64_t task_end) {
   using Vec = typename VecOf<T>::type;
   constexpr int W = kVecBytes / sizeof(T);
   const T* cols = static_cast<const T*>(a.columns);
+  const T* bias = static_cast<const T*>(a.bias);
   T* out = static_cast<T*>(a.out);
-  const int ci_g = static_cast<int>(a.in_per_group);
-  const int64_t C = a.groups * ci_g, group_columns = a.kernel_h * a.kernel_w * ci_g;
+  const int per_group = static_cast<int>(a.per_group);
+  const int64_t C = a.groups * per_group, group_columns = a.kernel_h * a.kernel_w * per_group;
   const int64_t* s = a.out_stride;
   const bool direct = s[1] == 1 && s[3] == C;  // channels_last rows: stored in place
-  // source_ow[kw * width + iw]: the output column tap kw reaches iw from, or -1.
-  std::vector<int64_t> source_ow(size_t(a.kernel_w * a.width));
+  const Vec zero = Vec{};
+  // source_col[kw * dst_w + x]: the source column tap kw pairs destination column x with, or -1.
+  std::vector<int64_t> source_col(size_t(a.kernel_w * a.dst_w));
   for (int64_t kw = 0; kw < a.kernel_w; ++kw) {
-    for (int64_t iw = 0; iw < a.width; ++iw) {
-      int64_t ow = 0;
-      const bool inside = conv2d::tap_source(iw, kw, a.stride_w, a.pad_w, a.dilation_w, a.out_w, ow);
-      source_ow[size_t(kw * a.width + iw)] = inside ? ow : -1;
+    for (int64_t x = 0; x < a.dst_w; ++x) {
+      int64_t src = 0;
+      const bool inside = column_source(a.forward, x, kw, a.stride_w, a.pad_w, a.dilation_w, a.src_w, src);
+      source_col[size_t(kw * a.dst_w + x)] = inside ? src : -1;
     }
   }
-  std::vector<T> row(direct ? 0 : size_t(a.width * C + W));
-  std::vector<const T*> tap_rows(size_t(a.kernel_h));  // per kh: the columns of its output row, or null
+  std::vector<T> row(direct ? 0 : size_t(a.dst_w * C));
+  std::vector<const T*> tap_rows(size_t(a.kernel_h));  // per kh: the columns of its source row, or null
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t n = task / a.height, ih = task % a.height;
+    const int64_t n = task / a.dst_h, y = task % a.dst_h;
     for (int64_t kh = 0; kh < a.kernel_h; ++kh) {
-      int64_t oh = 0;
-      const bool inside = conv2d::tap_source(ih, kh, a.stride_h, a.pad_h, a.dilation_h, a.out_h, oh);
-      tap_rows[size_t(kh)] = inside ? cols + (n * a.out_h + oh) * a.out_w * a.ldc + kh * a.kernel_w * ci_g : nullptr;
+      int64_t src = 0;
+      const bool inside = column_source(a.forward, y, kh, a.stride_h, a.pad_h, a.dilation_h, a.src_h, src);
+      tap_rows[size_t(kh)] = inside ? cols + (n * a.src_h + src) * a.src_w * a.ldc + kh * a.kernel_w * per_group
+                                    : nullptr;
     }
-    T* dst_row = direct ? out + n * s[0] + ih * s[2] : row.data();
-    for (int64_t iw = 0; iw < a.width; ++iw) {
+    T* dst_row = direct ? out + n * s[0] + y * s[2] : row.data();
+    for (int64_t x = 0; x < a.dst_w; ++x) {
       for (int64_t g = 0; g < a.groups; ++g) {
-        for (int c0 = 0; c0 < ci_g; c0 += W) {  // one vector unless a group has more than W channels
-          const int lanes = std::min(W, ci_g - c0);
-          Vec acc = {};
+        for (int c0 = 0; c0 < per_group; c0 += W) {  // one vector unless a group has more than W channels
+          const int lanes = std::min(W, per_group - c0);
+          Vec acc = zero;
           for (int64_t kh = 0; kh < a.kernel_h; ++kh) {
             const T* taps = tap_rows[size_t(kh)];
             if (taps == nullptr) continue;
             taps += g * group_columns + c0;
             for (int64_t kw = 0; kw < a.kernel_w; ++kw) {
-              const int64_t ow = source_ow[size_t(kw * a.width + iw)];
-              if (ow >= 0) acc += load_lanes(taps + ow * a.ldc + kw * ci_g, lanes);
+              const int64_t src = source_col[size_t(kw * a.dst_w + x)];
+              if (src >= 0) acc += load_lanes(taps + src * a.ldc + kw * per_group, lanes);
             }
           }
-          store_lanes(dst_row + iw * C + g * ci_g + c0, acc, lanes);
+          if (bias != nullptr) acc += load_lanes(bias + g * per_group + c0, lanes);
+          // bias_act's ReLU on a vector: NaN < 0 is false, NaN is kept.
+          if (a.relu) acc = acc < zero ? zero : acc;
+          store_lanes(dst_row + x * C + g * per_group + c0, acc, lanes);
         }
       }
     }
     if (!direct) {
-      T* dst = out + n * s[0] + ih * s[2];
+      T* dst = out + n * s[0] + y * s[2];
       for (int64_t c = 0; c < C; ++c) {
-        for (int64_t iw = 0; iw < a.width; ++iw) dst[c * s[1] + iw * s[3]] = row[size_t(iw * C + c)];
+        for (int64_t x = 0; x < a.dst_w; ++x) dst[c * s[1] + x * s[3]] = row[size_t(x * C + c)];
       }
     }
   }

@@ -201,20 +201,28 @@ FL_HOST_DEVICE Acc edge_grad_input_sum(const EdgeGeometry& e, int64_t ih, int64_
   return sum;
 }
 
-// grad-input of a layer with few input channels a group (the RGB stem), in two steps. The
-// offset GEMM computes the columns
-//   cols[pixel][(g, kh, kw, ci)] = sum over co of group g of grad_output[pixel][co] * weight[co][ci][kh][kw]
-// (ci x taps columns a group, where the stride-phase passes would have ci alone, a few
-// lanes of a vector); then each input pixel gathers, in (kh, kw) order, the columns of
-// the output pixels whose taps reach it (tap_source): a fixed sum order, no atomics.
-// Task n * height + ih writes input row ih of image n (of the images `columns` holds).
+// A convolution pass over narrow channel groups in two steps, for a destination whose
+// channels are few a group (the forward of a layer with 1-6 output channels a group, the
+// grad-input of an RGB stem). The offset GEMM computes, for every source pixel, the
+// columns
+//   forward:    cols[input pixel][(g, kh, kw, co)] = sum over ci of group g of input * weight[co][ci][kh][kw]
+//   grad-input: cols[output pixel][(g, kh, kw, ci)] = sum over co of group g of grad_output * weight[co][ci][kh][kw]
+// (taps x channels columns a group, where the one-pass GEMM would have the channels
+// alone, a few lanes of a vector); then each destination pixel sums, in (kh, kw) order,
+// the columns of the source pixels its taps pair it with: the input pixel o s - pad + k d
+// of output pixel o (forward), the output pixels whose taps reach input pixel i
+// (tap_source, grad-input). A fixed order, no atomics. Task n * dst_h + row writes
+// destination row `row` of image n (of the images `columns` holds).
 struct ColumnsToImageArgs {
-  const void* columns = nullptr;  // [images][out_h][out_w][ldc]
-  int64_t ldc = 0;                // >= groups * kernel_h * kernel_w * in_per_group
-  int64_t height = 0, width = 0, out_h = 0, out_w = 0;
+  const void* columns = nullptr;  // [images][src_h][src_w][ldc]
+  int64_t ldc = 0;                // >= groups * kernel_h * kernel_w * per_group
+  bool forward = false;           // the pairing above
+  int64_t src_h = 0, src_w = 0, dst_h = 0, dst_w = 0;
   int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
   int64_t dilation_h = 1, dilation_w = 1;
-  int64_t groups = 1, in_per_group = 0;
+  int64_t groups = 1, per_group = 0;  // destination channels
+  const void* bias = nullptr;         // [groups * per_group] added (forward), or null
+  bool relu = false;                  // then max(x, 0), NaN kept (forward)
   void* out = nullptr;  // element (n, c, h, w) at out[n * s0 + c * s1 + h * s2 + w * s3]
   int64_t out_stride[4] = {0, 0, 0, 0};
   DType dtype = DType::kFloat32;  // float32 or float64
@@ -289,7 +297,7 @@ struct CpuKernels {
   bool (*winograd)(const WinogradArgs& args, int64_t unit_begin, int64_t unit_end);
   // Chunks [chunk_begin, chunk_end).
   void (*winograd_weight_grad)(const WinogradWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end);
-  // Tasks [task_begin, task_end) (task n * height + ih: input row ih of image n).
+  // Tasks [task_begin, task_end) (task n * dst_h + row: destination row `row` of image n).
   void (*columns_to_image)(const ColumnsToImageArgs& args, int64_t task_begin, int64_t task_end);
 };
 
