@@ -1,7 +1,8 @@
 """2-D convolution against native PyTorch (oneDNN on the CPU, cuDNN on CUDA).
 
-Cases: 3x3 convolutions (padding 1, NCHW, float32) and a 1x1 one (no padding) forward
-and forward+backward (grads of input, weight and bias), and the seed CNN's convolution blocks (batch 64,
+Cases: 3x3 convolutions (padding 1, NCHW, float32; one of stride 2), a 1x1 one (no
+padding), a 7x7 stride-2 RGB stem (padding 3) and a 3-channel output layer forward and
+forward+backward (grads of input, weight and bias), and the seed CNN's convolution blocks (batch 64,
 3x32x32: conv 3->32 + ReLU + max-pool 2, conv 32->64 + ReLU + max-pool 2), native
 torch.nn layers against fastlayers.nn.Conv2dReLUMaxPool2d. GFLOP/s counts the
 convolutions' multiply-adds (2 flops each): forward 1x, forward+backward 3x (the
@@ -24,44 +25,50 @@ from harness import Case, parse_args, run
 import fastlayers
 from fastlayers.functional import conv2d
 
-SHAPES = [  # (batch, in_channels, out_channels, size, kernel); padding kernel // 2
-    (32, 64, 128, 32, 3),
-    (64, 32, 64, 16, 3),
-    (8, 128, 128, 56, 3),
-    (32, 64, 128, 32, 1),
+SHAPES = [  # (batch, in_channels, out_channels, input size, kernel, stride); padding kernel // 2
+    (32, 64, 128, 32, 3, 1),
+    (64, 32, 64, 16, 3, 1),
+    (8, 128, 128, 56, 3, 1),
+    (32, 64, 128, 32, 3, 2),
+    (32, 64, 128, 32, 1, 1),
+    (8, 3, 64, 112, 7, 2),
+    (16, 64, 3, 64, 3, 1),
 ]
 
 
-def conv_flops(batch, cin, cout, size, k=3):
-    return 2 * batch * cout * cin * k * k * size * size
+def conv_flops(batch, cin, cout, out_size, k=3):
+    return 2 * batch * cout * cin * k * k * out_size * out_size
 
 
 def conv_cases(device: str) -> list[Case]:
     cases = []
-    for batch, cin, cout, size, k in SHAPES:
+    for batch, cin, cout, size, k, stride in SHAPES:
         pad = k // 2
+        out_size = (size + 2 * pad - k) // stride + 1
         x = torch.randn(batch, cin, size, size, device=device)
         w = torch.randn(cout, cin, k, k, device=device) * (cin * k * k) ** -0.5
         b = torch.randn(cout, device=device)
-        g = torch.randn(batch, cout, size, size, device=device)
-        flops = conv_flops(batch, cin, cout, size, k)
+        g = torch.randn(batch, cout, out_size, out_size, device=device)
+        flops = conv_flops(batch, cin, cout, out_size, k)
         nbytes = 4 * (x.numel() + w.numel() + g.numel())
-        tag = f"{k}x{k} B={batch} C={cin}->{cout} {size}x{size} {device}"
-        params = {"batch": batch, "in_channels": cin, "out_channels": cout, "size": size, "kernel": k}
+        strided = f" stride {stride}" if stride > 1 else ""
+        tag = f"{k}x{k}{strided} B={batch} C={cin}->{cout} {size}x{size} {device}"
+        params = {"batch": batch, "in_channels": cin, "out_channels": cout, "size": size, "kernel": k,
+                  "stride": stride}
 
-        def native_fwd(x=x, w=w, b=b, pad=pad):
-            return F.conv2d(x, w, b, padding=pad)
+        def native_fwd(x=x, w=w, b=b, pad=pad, stride=stride):
+            return F.conv2d(x, w, b, stride=stride, padding=pad)
 
-        def ours_fwd(x=x, w=w, b=b, pad=pad):
-            return conv2d(x, w, b, padding=pad)
+        def ours_fwd(x=x, w=w, b=b, pad=pad, stride=stride):
+            return conv2d(x, w, b, stride=stride, padding=pad)
 
         xr, wr, br = (t.detach().clone().requires_grad_() for t in (x, w, b))
 
-        def native_train(xr=xr, wr=wr, br=br, g=g, pad=pad):
-            return torch.autograd.grad(F.conv2d(xr, wr, br, padding=pad), (xr, wr, br), g)
+        def native_train(xr=xr, wr=wr, br=br, g=g, pad=pad, stride=stride):
+            return torch.autograd.grad(F.conv2d(xr, wr, br, stride=stride, padding=pad), (xr, wr, br), g)
 
-        def ours_train(xr=xr, wr=wr, br=br, g=g, pad=pad):
-            return torch.autograd.grad(conv2d(xr, wr, br, padding=pad), (xr, wr, br), g)
+        def ours_train(xr=xr, wr=wr, br=br, g=g, pad=pad, stride=stride):
+            return torch.autograd.grad(conv2d(xr, wr, br, stride=stride, padding=pad), (xr, wr, br), g)
 
         cases.append(Case(f"forward {tag}", native_fwd, ours_fwd, flops, nbytes, device, params))
         cases.append(Case(f"fwd+bwd {tag}", native_train, ours_train, 3 * flops, 3 * nbytes, device, params))
