@@ -312,6 +312,25 @@ def test_results_do_not_depend_on_the_thread_count(name):
             assert_close_to_oracle(b, a, torch.float64)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_narrow_layers_are_bitwise_the_same_for_any_thread_count(stride):
+    # 5 -> 3 channels: the columns forward (stride 1) and grad-input, and the narrow
+    # grad-weight's chunks of output rows (six here), all shaped by the layer alone.
+    x, weight, bias, kwargs = _tensors((4, 5, 3, 20, 20, 3, stride, 1, 1, 1), torch.float32, requires_grad=True)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y = conv2d(x, weight, bias, **kwargs)
+            results.append((y, *torch.autograd.grad(y, (x, weight, bias), torch.linspace(-1, 1, y.numel()).view_as(y))))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_winograd_grad_weight_is_bitwise_the_same_for_any_thread_count():
     # Its chunks of tiles (two here) follow the shape, not the thread count.
     x, weight, bias, kwargs = _winograd_tensors(WINOGRAD_CASES[-1], torch.float32, requires_grad=True)

@@ -1015,6 +1015,47 @@ at::Tensor winograd_weight_grad(const at::Tensor& input, const at::Tensor& grad_
   return finite ? grad_weight : at::Tensor();
 }
 
+// grad-weight of an ungrouped layer with at most 6 output channels (NarrowWeightGradArgs):
+// the output channels as the GEMM's rows instead of its columns.
+bool weight_grad_is_narrow(const Geometry& g) { return g.groups == 1 && g.out_channels <= 6; }
+
+at::Tensor narrow_weight_grad_cpu(const at::Tensor& go, const at::Tensor& x, const Geometry& g,
+                                  at::IntArrayRef weight_size) {
+  const int64_t taps = g.kernel_h * g.kernel_w, K = g.out_channels, ldc = round_up(g.in_channels, kColumnPad);
+  NarrowWeightGradArgs args;
+  const at::Tensor image = place_nhwc(x, g.height + 2 * g.pad_h, g.width + 2 * g.pad_w, g.pad_h, g.pad_w, 1, 1, ldc);
+  const at::Tensor grad = place_nhwc(go, g.out_h, g.out_w, 0, 0, 1, 1);
+  args.image = image.const_data_ptr();
+  args.rows = image.size(1);
+  args.cols = image.size(2);
+  args.ldc = ldc;
+  args.grad = grad.const_data_ptr();
+  args.out_channels = K;
+  args.out_h = g.out_h;
+  args.out_w = g.out_w;
+  args.total_rows = g.batch * g.out_h;
+  args.kernel_h = g.kernel_h;
+  args.kernel_w = g.kernel_w;
+  args.stride_h = g.stride_h;
+  args.stride_w = g.stride_w;
+  args.dilation_h = g.dilation_h;
+  args.dilation_w = g.dilation_w;
+  args.dtype = x.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  // Chunks of output rows (a function of the shape: the same sums for any thread count).
+  const int64_t min_rows = std::max<int64_t>(1, 256 / std::max<int64_t>(1, g.out_w));
+  int64_t chunks = weight_grad_chunks(args.total_rows, taps * K * ldc, min_rows);
+  args.chunk_rows = std::max<int64_t>(1, (args.total_rows + chunks - 1) / chunks);
+  chunks = std::max<int64_t>(1, (args.total_rows + args.chunk_rows - 1) / args.chunk_rows);
+  at::Tensor partials = at::zeros({chunks, g.kernel_h, g.kernel_w, K, ldc}, x.options());
+  args.partials = partials.mutable_data_ptr();
+  if (args.total_rows > 0 && g.out_w > 0) {
+    const CpuKernels& kernels = conv2d_cpu_kernels_select();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) { kernels.narrow_weight_grad(args, begin, end); });
+  }
+  // [kh, kw, co, ci] -> [co, ci, kh, kw]
+  return partials.sum(0).narrow(3, 0, g.in_channels).permute({2, 3, 0, 1}).reshape(weight_size).contiguous();
+}
+
 at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
                                       at::IntArrayRef weight_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation, int64_t groups) {
@@ -1025,6 +1066,9 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   if (winograd_applies(g)) {
     const at::Tensor grad_weight = winograd_weight_grad(x, to_compute(grad_output), g);
     if (grad_weight.defined()) return grad_weight.to(input.scalar_type());
+  }
+  if (weight_grad_is_narrow(g)) {
+    return narrow_weight_grad_cpu(to_compute(grad_output), x, g, weight_size).to(input.scalar_type());
   }
   const ConvPass p = input_pass(x, g);
   if (g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1 && pixels > 0) {

@@ -28,6 +28,7 @@ namespace fastlayers::FL_CPU_NS {
 namespace {
 
 using conv2d::ColumnsToImageArgs;
+using conv2d::NarrowWeightGradArgs;
 using conv2d::OffsetGemmArgs;
 using conv2d::DepthwiseArgs;
 using conv2d::DepthwiseWeightGradArgs;
@@ -1000,11 +1001,40 @@ void columns_to_image(const ColumnsToImageArgs& args, int64_t task_begin, int64_
   columns_to_image_typed<float>(args, task_begin, task_end);
 }
 
+template <class T>
+void narrow_weight_grad_typed(const NarrowWeightGradArgs& a, int64_t chunk_begin, int64_t chunk_end) {
+  const T* image = static_cast<const T*>(a.image);
+  const T* grad = static_cast<const T*>(a.grad);
+  T* partials = static_cast<T*>(a.partials);
+  const int64_t K = a.out_channels, taps = a.kernel_h * a.kernel_w;
+  for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    T* partial = partials + chunk * taps * K * a.ldc;
+    const int64_t row_end = std::min(a.total_rows, (chunk + 1) * a.chunk_rows);
+    for (int64_t row = chunk * a.chunk_rows; row < row_end; ++row) {
+      const int64_t n = row / a.out_h, oh = row % a.out_h;
+      const T* g = grad + row * a.out_w * K;
+      for (int64_t kh = 0; kh < a.kernel_h; ++kh) {
+        const T* image_row = image + (n * a.rows + oh * a.stride_h + kh * a.dilation_h) * a.cols * a.ldc;
+        for (int64_t kw = 0; kw < a.kernel_w; ++kw) {
+          dense_gemm(g, 1, K, K, image_row + kw * a.dilation_w * a.ldc, a.stride_w * a.ldc, a.out_w, a.ldc,
+                     partial + (kh * a.kernel_w + kw) * K * a.ldc, a.ldc, /*accumulate=*/true);
+        }
+      }
+    }
+  }
+}
+
+void narrow_weight_grad(const NarrowWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end) {
+  if (args.dtype == DType::kFloat64) return narrow_weight_grad_typed<double>(args, chunk_begin, chunk_end);
+  narrow_weight_grad_typed<float>(args, chunk_begin, chunk_end);
+}
+
 }  // namespace
 
 extern const conv2d::CpuKernels conv2d_cpu_kernels;
 const conv2d::CpuKernels conv2d_cpu_kernels = {&offset_gemm, &max_pool_2x2, &place_image, &store_nchw, &depthwise,
                                                    &depthwise_weight_grad, &unpool_relu, &winograd,
-                                                   &winograd_weight_grad, &columns_to_image};
+                                                   &winograd_weight_grad, &columns_to_image,
+                                                   &narrow_weight_grad};
 
 }  // namespace fastlayers::FL_CPU_NS

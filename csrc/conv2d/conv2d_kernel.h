@@ -228,6 +228,24 @@ struct ColumnsToImageArgs {
   DType dtype = DType::kFloat32;  // float32 or float64
 };
 
+// grad-weight of an ungrouped layer with few output channels, whose one-pass GEMM would
+// have them as its columns (3 of a vector's lanes for an RGB output layer). Here the
+// output channels are the rows and the input channels the columns: for each output row
+// (n, oh) and tap (kh, kw),
+//   partial[tap][co][ci] += sum over ow of grad[n, oh, ow, co] * image[n, oh s + kh d, ow s + kw d, ci]
+// a dense GEMM [K x out_w] x [out_w x ldc] whose B rows are image pixels s apart. Chunk j
+// takes output rows [j chunk_rows, (j + 1) chunk_rows) into partials[j]; the caller adds
+// the chunks in order.
+struct NarrowWeightGradArgs {
+  const void* image = nullptr;  // [N][rows][cols][ldc]: the zero-padded input, channels zero-padded to ldc
+  int64_t rows = 0, cols = 0, ldc = 0;
+  const void* grad = nullptr;  // [N][out_h][out_w][out_channels] (NHWC, dense)
+  int64_t out_channels = 0, out_h = 0, out_w = 0, total_rows = 0, chunk_rows = 0;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, dilation_h = 1, dilation_w = 1;
+  void* partials = nullptr;  // [chunks][kernel_h * kernel_w][out_channels][ldc], zeroed
+  DType dtype = DType::kFloat32;
+};
+
 // Winograd F(2x2, 3x3) for a 3x3, stride-1, undilated, ungrouped convolution (Lavin &
 // Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): each 2x2 block of
 // output pixels (a tile) comes from the 4x4 input block d around it as
@@ -299,6 +317,8 @@ struct CpuKernels {
   void (*winograd_weight_grad)(const WinogradWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end);
   // Tasks [task_begin, task_end) (task n * dst_h + row: destination row `row` of image n).
   void (*columns_to_image)(const ColumnsToImageArgs& args, int64_t task_begin, int64_t task_end);
+  // Chunks [chunk_begin, chunk_end).
+  void (*narrow_weight_grad)(const NarrowWeightGradArgs& args, int64_t chunk_begin, int64_t chunk_end);
 };
 
 #if defined(FASTLAYERS_WITH_CUDA) || defined(__CUDACC__)
