@@ -170,6 +170,26 @@ _EDGE_GEOMETRIES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride, padding, dilation, groups", [g for g in _EDGE_GEOMETRIES if g[3] in (1, 2)])
+def test_wide_conv_grad_input_recomputes_the_edges_a_nonfinite_weight_meets(stride, padding, dilation, groups, dtype):
+    # 36 input channels (18 or 36 a group): grad-input runs the stride-phase passes over
+    # the zero-padded grad_output, then recomputes the edge pixels (EdgeGeometry). Up to 16
+    # channels a group the columns pass never meets the padding, so the tests above do not
+    # reach this path.
+    x = torch.randn(2, 36, 9, 8, dtype=dtype)
+    w = torch.randn(6, 36 // groups, 3, 3, dtype=dtype)
+    w[1, 0, 2, 2], w[-1, -1, 0, 1] = NAN, INF
+    b = torch.randn(6, dtype=dtype)
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert_forward_and_backward_match(
+                lambda x, w, b: conv2d(x, w, b, **args), lambda x, w, b: F.conv2d(x, w, b, **args), [x, w, b], "conv2d"
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("where", ["weight", "input"])
 @pytest.mark.parametrize("stride, padding, dilation, groups", _EDGE_GEOMETRIES)
 @pytest.mark.parametrize("kind, ours, native", _CONV_KINDS)

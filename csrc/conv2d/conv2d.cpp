@@ -164,14 +164,21 @@ bool wants_channels_last(const at::Tensor& input, const at::Tensor& weight) {
 static std::pair<int64_t, int64_t> outside_tap_span(int64_t size, int64_t out, int64_t kernel, int64_t stride,
                                                     int64_t pad, int64_t dilation) {
   int64_t first = 0, last = 0;
-  for (int64_t i = 0; i < size; ++i) {
+  const auto visit = [&](int64_t i) {
     for (int64_t k = 0; k < kernel; ++k) {
       const int64_t reach = i + pad - k * dilation;
       if (((reach % stride) + stride) % stride != 0) continue;  // tap k never reaches i
       if (reach < 0) first = std::max(first, i + 1);
       if (reach >= 0 && reach / stride >= out) last = std::max(last, size - i);
     }
-  }
+  };
+  // Only positions near the ends can have such a tap: from i >= (kernel - 1) dilation -
+  // pad every reach is >= 0, below i < out stride - pad every reach / stride < out. (All
+  // of [0, size) took 10% of a 16,000-sample, 80-tap Conv1d's grad-input.)
+  const int64_t low_end = std::clamp<int64_t>((kernel - 1) * dilation - pad + 1, 0, size);
+  const int64_t high_begin = std::clamp<int64_t>(out * stride - pad, low_end, size);
+  for (int64_t i = 0; i < low_end; ++i) visit(i);
+  for (int64_t i = high_begin; i < size; ++i) visit(i);
   first = std::min(first, size);
   return {first, std::min(last, size - first)};
 }
