@@ -819,16 +819,23 @@ at::Tensor grad_input_passes(const at::Tensor& go, const at::Tensor& weight, con
 
 // Whether grad-input goes through columns (ColumnsToImageArgs) instead of the stride
 // phases, whose GEMM columns are a group's input channels: a few lanes of a vector for
-// narrow groups, and, with a stride, one placed grad_output a phase. Measured against
-// both on this machine (2 threads; ratios to torch's grad-input, phases -> columns): the
-// 7x7 stride-2 RGB stem 0.65x -> 2.12x (float64 0.43x -> 1.37x), 3x3 stride 2 C=8 0.93x
-// -> 1.27x, C=16 0.97x -> 1.14x, stride 1 C=3 0.74x -> 1.75x (float64 0.57x -> 1.17x),
-// C=8 0.68x -> 0.80x, 5x5 C=15 0.60x -> 0.70x, 5x5 C=1 0.61x -> 2.67x; from 32 channels
-// the phases were faster (3x3 stride 2: 0.84x -> 0.80x). Depthwise layers keep their
-// channel-vectorized pass; 1x1 layers have one column a channel.
-bool grad_input_by_columns(const Geometry& g) {
+// narrow groups, and, with a stride, one placed grad_output a phase. The columns (taps x
+// channels a pixel) are written and read back, so at stride 1 they pay only where the
+// phases' vectors would idle a third or more of their lanes (64-byte vectors: up to 10
+// float or 5 double channels, or 9-10 double). Measured (2 threads, ratio to torch's
+// grad-input, phases -> columns): the 7x7 stride-2 RGB stem 0.65x -> 2.12x (float64
+// 0.43x -> 1.37x), 3x3 stride 2 C=8 0.93x -> 1.27x, C=16 0.97x -> 1.14x; stride 1, float:
+// 3x3 C=3 0.74x -> 1.75x, C=8 0.73x -> 0.93x, 5x5 C=1 0.61x -> 2.67x, but 5x5 C=12
+// 0.66x -> 0.54x and C=16 (whole vectors) 0.69x -> 0.60x; float64 3x3 C=3 0.57x -> 1.17x,
+// 5x5 C=8 1.67x -> 1.14x. From 32 channels the phases were faster at stride 2 too (3x3:
+// 0.84x -> 0.80x). Depthwise layers keep their channel-vectorized pass; 1x1 layers have
+// one column a channel.
+bool grad_input_by_columns(const Geometry& g, int64_t element_size) {
   const bool depthwise = g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1;
-  return !depthwise && g.kernel_h * g.kernel_w > 1 && g.in_per_group() <= 16;
+  if (depthwise || g.kernel_h * g.kernel_w == 1 || g.in_per_group() > 16) return false;
+  if (g.stride_h > 1 || g.stride_w > 1) return true;
+  const int64_t lanes = 64 / element_size, padded = round_up(g.in_per_group(), lanes);
+  return 2 * padded >= 3 * g.in_per_group();
 }
 
 // grad-input through columns: grad_output (read in place when contiguous and ungrouped,
@@ -883,7 +890,8 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   const at::Tensor w = to_compute(weight);
   at::Tensor grad_input = winograd_grad_input(go, w, g);
   if (!grad_input.defined()) {
-    grad_input = grad_input_by_columns(g) ? grad_input_columns(go, w, g) : grad_input_passes(go, w, g);
+    grad_input = grad_input_by_columns(g, go.element_size()) ? grad_input_columns(go, w, g)
+                                                                : grad_input_passes(go, w, g);
   }
   // The passes multiply taps landing outside grad_output by zeros: exact unless a weight
   // is NaN or infinite. One reduction over the (small) weight decides; only then are the
