@@ -229,35 +229,17 @@ def test_winograd_matches_the_oracle_on_every_cpu_isa(cpu_isa):
 
 
 @pytest.mark.parametrize("where", ["input_inf", "input_nan", "weight_inf", "bias_nan"])
-def test_winograd_forward_keeps_torchs_infs_and_nans(where):
-    # The transforms mix a tile's 4x4 pixels: one inf would turn all four outputs of every
-    # tile it touches into NaN. A non-finite result sends the call to the direct pass,
-    # which gives torch's values: inf / NaN only where a direct sum meets one (float64:
-    # torch's float32 oneDNN forward skips the padding taps an infinite weight meets,
-    # see the README).
-    x, weight, bias = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 16, 8, 9), (24, 16, 3, 3), (24,)))
-    if where == "input_inf":
-        x[0, 3, 2, 5] = float("inf")
-    elif where == "input_nan":
-        x[1, 0, 7, 8] = float("nan")
-    elif where == "weight_inf":
-        weight[4, 2, 0, 1] = float("-inf")
-    else:
-        bias[7] = float("nan")
-    for name in ("conv2d", "conv2d_relu"):
-        actual = OPS[name][0](x, weight, bias, padding=1)
-        native = _native_forward(name, x, weight, bias, dict(padding=1))
-        assert torch.equal(actual.isnan(), native.isnan()) and torch.equal(actual.isinf(), native.isinf())
-        finite = native.isfinite()
-        torch.testing.assert_close(actual[finite], native[finite], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("where", ["input_inf", "input_nan", "weight_inf", "bias_nan"])
-def test_narrow_output_forward_keeps_torchs_infs_and_nans(where):
-    # 3 output channels, stride 1: the forward sums columns (forward_by_columns), which
-    # never multiply the zero padding. An infinite weight therefore sends the call to the
-    # direct pass, whose sum over the padding gives torch's 0 * inf = NaN at the edges.
-    x, weight, bias = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 5, 8, 9), (3, 5, 3, 3), (3,)))
+@pytest.mark.parametrize("channels", [(16, 24), (5, 3)], ids=["winograd", "narrow"])
+def test_forward_keeps_torchs_infs_and_nans(channels, where):
+    # Winograd (16 -> 24): the transforms mix a tile's 4x4 pixels, so one inf would turn
+    # all four outputs of every tile it touches into NaN; a non-finite result sends the
+    # call to the direct pass. Narrow (5 -> 3): the columns forward never multiplies the
+    # zero padding, so an infinite weight sends the call to the direct pass, whose sum over
+    # the padding gives torch's 0 * inf = NaN at the edges. Either way torch's values:
+    # inf / NaN only where a direct sum meets one (float64: torch's float32 oneDNN forward
+    # skips the padding taps an infinite weight meets, see the README).
+    cin, cout = channels
+    x, weight, bias = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, cin, 8, 9), (cout, cin, 3, 3), (cout,)))
     if where == "input_inf":
         x[0, 3, 2, 5] = float("inf")
     elif where == "input_nan":
@@ -271,7 +253,7 @@ def test_narrow_output_forward_keeps_torchs_infs_and_nans(where):
         native = _native_forward(name, x, weight, bias, dict(padding=1))
         assert torch.equal(actual.isnan(), native.isnan()) and torch.equal(actual.isinf(), native.isinf())
         finite = native.isfinite()
-        torch.testing.assert_close(actual[finite], native[finite])
+        torch.testing.assert_close(actual[finite], native[finite], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("where", ["grad_output", "input"])

@@ -651,6 +651,36 @@ ColumnsToImageArgs columns_geometry(const Geometry& g, bool forward) {
   return args;
 }
 
+// A columns pass (ColumnsToImageArgs) into a new [N, C, H, W] tensor, channels_last or
+// contiguous: the forward's output from the input (with bias and ReLU), or grad-input
+// from grad_output. The source is read in place when contiguous and ungrouped (the GEMM
+// is a 1x1 convolution of it), else placed as NHWC; the weight as B[g][source
+// channel][(kh, kw, destination channel)].
+at::Tensor columns_pass(const at::Tensor& source, const at::Tensor& weight, const Geometry& g, bool forward,
+                        bool channels_last, const std::optional<at::Tensor>& bias = std::nullopt, bool relu = false) {
+  const int64_t source_channels = forward ? g.in_per_group() : g.out_per_group();
+  const int64_t destination_channels = forward ? g.out_per_group() : g.in_per_group();
+  ConvPass p;
+  p.nchw = g.groups == 1 && source.is_contiguous();
+  p.image = p.nchw ? source : place_nhwc(source, source.size(2), source.size(3), 0, 0, 1, 1);
+  p.groups = g.groups;
+  p.depth_channels = source_channels;
+  p.out_columns = g.kernel_h * g.kernel_w * destination_channels;
+  const at::Tensor w = weight.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
+  p.packed = pad_columns((forward ? w.permute({0, 2, 3, 4, 1}) : w.permute({0, 1, 3, 4, 2}))
+                             .reshape({g.groups, source_channels, p.out_columns}));
+  at::Tensor dst = at::empty({g.batch, g.groups * destination_channels, forward ? g.out_h : g.height,
+                              forward ? g.out_w : g.width},
+                             source.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
+                                                                          : at::MemoryFormat::Contiguous));
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  ColumnsToImageArgs args = columns_geometry(g, forward);
+  args.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  args.relu = relu;
+  run_columns(p, args, dst);
+  return dst;
+}
+
 // Whether the forward goes through columns (ColumnsToImageArgs): a stride-1 layer with at
 // most 6 output channels a group (the one-pass GEMM's columns: a few lanes of a vector)
 // and a finite weight. The columns path never multiplies the zero padding, where torch's
@@ -666,32 +696,6 @@ bool forward_by_columns(const Geometry& g, const at::Tensor& w) {
   return g.out_per_group() <= 6 && all_finite(w);
 }
 
-// The forward through columns: the input (read in place when contiguous and ungrouped,
-// else NHWC, unpadded) against the weight as [G][ci][(kh, kw, co)]; bias and ReLU as
-// each output pixel is summed.
-at::Tensor forward_columns(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                           const Geometry& g, bool relu, bool channels_last) {
-  ConvPass p;
-  p.nchw = g.groups == 1 && x.is_contiguous();  // its GEMM is a 1x1 convolution: read in place
-  p.image = p.nchw ? x : place_nhwc(x, g.height, g.width, 0, 0, 1, 1);
-  p.groups = g.groups;
-  p.depth_channels = g.in_per_group();
-  p.out_columns = g.kernel_h * g.kernel_w * g.out_per_group();
-  // B[g][ci][(kh, kw, co)] = weight[g * out_per_group + co, ci, kh, kw]
-  p.packed = pad_columns(w.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w})
-                             .permute({0, 2, 3, 4, 1})
-                             .reshape({g.groups, g.in_per_group(), p.out_columns}));
-  at::Tensor out = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
-                             x.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous));
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  ColumnsToImageArgs args = columns_geometry(g, /*forward=*/true);
-  args.bias = b.defined() ? b.const_data_ptr() : nullptr;
-  args.relu = relu;
-  run_columns(p, args, out);
-  return out;
-}
-
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                       bool relu) {
@@ -703,7 +707,9 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const s
     const at::Tensor out = winograd_forward(x, winograd_weight(w), b, g, relu, channels_last);
     if (out.defined()) return out.to(input.scalar_type());
   }
-  if (forward_by_columns(g, w)) return forward_columns(x, w, b, g, relu, channels_last).to(input.scalar_type());
+  if (forward_by_columns(g, w)) {
+    return columns_pass(x, w, g, /*forward=*/true, channels_last, b, relu).to(input.scalar_type());
+  }
   return run_pass(forward_pass(x, w, b, g, relu), channels_last).to(input.scalar_type());
 }
 
@@ -838,26 +844,11 @@ bool grad_input_by_columns(const Geometry& g, int64_t element_size) {
   return 2 * padded >= 3 * g.in_per_group();
 }
 
-// grad-input through columns: grad_output (read in place when contiguous and ungrouped,
-// else NHWC) against the weight as [G][co][(kh, kw, ci)]. The result has the compute
-// dtype, NCHW or channels_last as grad_output.
+// grad-input through columns (columns_pass). The result has the compute dtype, NCHW or
+// channels_last as grad_output.
 at::Tensor grad_input_columns(const at::Tensor& go, const at::Tensor& weight, const Geometry& g) {
   const bool channels_last = go.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-  ConvPass p;
-  p.nchw = g.groups == 1 && go.is_contiguous();  // its GEMM is a 1x1 convolution: read in place
-  p.image = p.nchw ? go : place_nhwc(go, g.out_h, g.out_w, 0, 0, 1, 1);
-  p.groups = g.groups;
-  p.depth_channels = g.out_per_group();
-  p.out_columns = g.kernel_h * g.kernel_w * g.in_per_group();
-  // B[g][co][(kh, kw, ci)] = weight[g * out_per_group + co, ci, kh, kw]
-  p.packed = pad_columns(weight.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w})
-                             .permute({0, 1, 3, 4, 2})
-                             .reshape({g.groups, g.out_per_group(), p.out_columns}));
-  at::Tensor grad_input = at::empty({g.batch, g.in_channels, g.height, g.width},
-                                    go.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
-                                                                             : at::MemoryFormat::Contiguous));
-  run_columns(p, columns_geometry(g, /*forward=*/false), grad_input);
-  return grad_input;
+  return columns_pass(go, weight, g, /*forward=*/false, channels_last);
 }
 
 // grad-input of a 3x3, stride-1, undilated, ungrouped convolution with padding <= 2 is
