@@ -294,6 +294,21 @@ def test_results_do_not_depend_on_the_thread_count(name):
             assert_close_to_oracle(b, a, torch.float64)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_narrow_layers_over_several_chunks_of_images_match_torch(layout):
+    # The columns passes take images in ~4 MB chunks of columns (run_columns): a stem's
+    # grad-input (1.8 MB of columns an image: chunks of 2, 2 and 1 images) and a 3-channel
+    # output layer's forward (0.4 MB an image: chunks of 9 and 1), NCHW read in place or
+    # channels_last placed, against torch and the float64 oracle.
+    cases = [((5, 3, 112, 112), (64, 3, 7, 7), dict(stride=2, padding=3, dilation=1, groups=1)),
+             ((10, 64, 64, 64), (3, 64, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1))]
+    for x_shape, w_shape, kwargs in cases:
+        x = make_layout(torch.randn(x_shape), layout).requires_grad_()
+        weight = torch.randn(w_shape, requires_grad=True)
+        bias = torch.randn(w_shape[0], requires_grad=True)
+        _check_forward_and_grads("conv2d", x, weight, bias, kwargs, torch.float32, f"{x_shape} {layout}")
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_narrow_layers_are_bitwise_the_same_for_any_thread_count(stride):
     # 5 -> 3 channels: the columns forward (stride 1) and grad-input, and the narrow
