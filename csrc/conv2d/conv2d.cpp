@@ -601,41 +601,17 @@ bool all_finite(const at::Tensor& t) {
   return c.scalar_type() == at::kDouble ? all_finite_typed<double, uint64_t>(c) : all_finite_typed<float, uint32_t>(c);
 }
 
-// The two steps of ColumnsToImageArgs into `dst` ([N, C, H, W], any strides): the offset
-// GEMM `p` over the source image's pixels (rows; depth = a group's source channels, a 1x1
-// field) gives each pixel's (g, kh, kw, channel) columns, then every destination row
-// sums them (columns_to_image). Images are taken in chunks so that the columns of a
-// chunk stay within a few MB (L3).
-void run_columns(const ConvPass& p, ColumnsToImageArgs args, at::Tensor& dst) {
-  const int64_t batch = p.image.size(0), element = p.image.element_size();
-  args.ldc = p.groups * p.out_columns;
-  args.src_h = p.image.size(p.nchw ? 2 : 1);
-  args.src_w = p.image.size(p.nchw ? 3 : 2);
-  args.dst_h = dst.size(2);
-  args.dst_w = dst.size(3);
-  for (int d = 0; d < 4; ++d) args.out_stride[d] = dst.stride(d);
-  args.dtype = p.image.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
-  const CpuKernels& kernels = conv2d_cpu_kernels_select();
-  constexpr int64_t kChunkBytes = int64_t{4} << 20;
-  const int64_t image_bytes = args.src_h * args.src_w * args.ldc * element;
-  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, image_bytes));
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 13) / std::max<int64_t>(1, args.dst_w * dst.size(1)));
-  for (int64_t first = 0; first < batch; first += chunk) {
-    const int64_t images = std::min(chunk, batch - first);
-    ConvPass part = p;
-    part.image = p.image.narrow(0, first, images);
-    part.out_h = args.src_h;
-    part.out_w = args.src_w;
-    const at::Tensor columns = run_pass(part, /*channels_last=*/true);  // [images][src_h][src_w][ldc] in memory
-    ColumnsToImageArgs chunk_args = args;
-    chunk_args.columns = columns.const_data_ptr();
-    chunk_args.out = static_cast<char*>(dst.mutable_data_ptr()) + first * dst.stride(0) * element;
-    at::parallel_for(0, images * args.dst_h, grain,
-                     [&](int64_t begin, int64_t end) { kernels.columns_to_image(chunk_args, begin, end); });
-  }
-}
-
-ColumnsToImageArgs columns_geometry(const Geometry& g, bool forward) {
+// A columns pass (ColumnsToImageArgs) of an ungrouped layer into a new [N, C, H, W]
+// tensor, channels_last or contiguous: the forward's output from the input (with bias and
+// ReLU), or grad-input from grad_output. The offset GEMM over the source's pixels (rows;
+// depth = the source channels, a 1x1 field: a contiguous NCHW source is read in place,
+// else placed as NHWC; B = the weight as [source channel][(kh, kw, destination
+// channel)]) gives each pixel's columns, then every destination row sums them
+// (columns_to_image). Images are taken in chunks so that the columns of a chunk stay
+// within a few MB (L3).
+at::Tensor columns_pass(const at::Tensor& source, const at::Tensor& weight, const Geometry& g, bool forward,
+                        bool channels_last, const std::optional<at::Tensor>& bias = std::nullopt, bool relu = false) {
+  TORCH_INTERNAL_ASSERT(g.groups == 1);
   ColumnsToImageArgs args;
   args.forward = forward;
   args.kernel_h = g.kernel_h;
@@ -646,44 +622,53 @@ ColumnsToImageArgs columns_geometry(const Geometry& g, bool forward) {
   args.pad_w = g.pad_w;
   args.dilation_h = g.dilation_h;
   args.dilation_w = g.dilation_w;
-  args.groups = g.groups;
-  args.per_group = forward ? g.out_per_group() : g.in_per_group();
-  return args;
-}
-
-// A columns pass (ColumnsToImageArgs) into a new [N, C, H, W] tensor, channels_last or
-// contiguous: the forward's output from the input (with bias and ReLU), or grad-input
-// from grad_output. The source is read in place when contiguous and ungrouped (the GEMM
-// is a 1x1 convolution of it), else placed as NHWC; the weight as B[g][source
-// channel][(kh, kw, destination channel)].
-at::Tensor columns_pass(const at::Tensor& source, const at::Tensor& weight, const Geometry& g, bool forward,
-                        bool channels_last, const std::optional<at::Tensor>& bias = std::nullopt, bool relu = false) {
-  const int64_t source_channels = forward ? g.in_per_group() : g.out_per_group();
-  const int64_t destination_channels = forward ? g.out_per_group() : g.in_per_group();
+  args.channels = forward ? g.out_channels : g.in_channels;
   ConvPass p;
-  p.nchw = g.groups == 1 && source.is_contiguous();
+  p.nchw = source.is_contiguous();
   p.image = p.nchw ? source : place_nhwc(source, source.size(2), source.size(3), 0, 0, 1, 1);
-  p.groups = g.groups;
-  p.depth_channels = source_channels;
-  p.out_columns = g.kernel_h * g.kernel_w * destination_channels;
-  const at::Tensor w = weight.reshape({g.groups, g.out_per_group(), g.in_per_group(), g.kernel_h, g.kernel_w});
-  p.packed = pad_columns((forward ? w.permute({0, 2, 3, 4, 1}) : w.permute({0, 1, 3, 4, 2}))
-                             .reshape({g.groups, source_channels, p.out_columns}));
-  at::Tensor dst = at::empty({g.batch, g.groups * destination_channels, forward ? g.out_h : g.height,
-                              forward ? g.out_w : g.width},
+  p.out_h = source.size(2);
+  p.out_w = source.size(3);
+  p.depth_channels = source.size(1);
+  p.out_columns = g.kernel_h * g.kernel_w * args.channels;
+  p.packed = pad_columns((forward ? weight.permute({1, 2, 3, 0}) : weight.permute({0, 2, 3, 1}))
+                             .reshape({1, p.depth_channels, p.out_columns}));
+  at::Tensor dst = at::empty({g.batch, args.channels, forward ? g.out_h : g.height, forward ? g.out_w : g.width},
                              source.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                           : at::MemoryFormat::Contiguous));
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  ColumnsToImageArgs args = columns_geometry(g, forward);
   args.bias = b.defined() ? b.const_data_ptr() : nullptr;
   args.relu = relu;
-  run_columns(p, args, dst);
+  args.ldc = p.out_columns;
+  args.src_h = p.out_h;
+  args.src_w = p.out_w;
+  args.dst_h = dst.size(2);
+  args.dst_w = dst.size(3);
+  for (int d = 0; d < 4; ++d) args.out_stride[d] = dst.stride(d);
+  args.dtype = source.scalar_type() == at::kDouble ? DType::kFloat64 : DType::kFloat32;
+  const CpuKernels& kernels = conv2d_cpu_kernels_select();
+  const int64_t element = source.element_size();
+  constexpr int64_t kChunkBytes = int64_t{4} << 20;
+  const int64_t image_bytes = args.src_h * args.src_w * args.ldc * element;
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, image_bytes));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 13) / std::max<int64_t>(1, args.dst_w * args.channels));
+  for (int64_t first = 0; first < g.batch; first += chunk) {
+    const int64_t images = std::min(chunk, g.batch - first);
+    ConvPass part = p;
+    part.image = p.image.narrow(0, first, images);
+    const at::Tensor columns = run_pass(part, /*channels_last=*/true);  // [images][src_h][src_w][ldc] in memory
+    ColumnsToImageArgs chunk_args = args;
+    chunk_args.columns = columns.const_data_ptr();
+    chunk_args.out = static_cast<char*>(dst.mutable_data_ptr()) + first * dst.stride(0) * element;
+    at::parallel_for(0, images * args.dst_h, grain,
+                     [&](int64_t begin, int64_t end) { kernels.columns_to_image(chunk_args, begin, end); });
+  }
   return dst;
 }
 
-// Whether the forward goes through columns (ColumnsToImageArgs): a stride-1 layer with at
-// most 6 output channels a group (the one-pass GEMM's columns: a few lanes of a vector)
-// and a finite weight. The columns path never multiplies the zero padding, where torch's
+// Whether the forward goes through columns (ColumnsToImageArgs): an ungrouped stride-1
+// layer with at most 6 output channels (the one-pass GEMM's columns: a few lanes of a
+// vector) and a finite weight (grouped: as grad_input_by_columns, C=32 -> 64 in 32 groups
+// ran 0.94x -> 0.25x). The columns path never multiplies the zero padding, where torch's
 // sum makes 0 * inf = NaN; with a stride it would compute the columns of input pixels
 // no output pixel pairs with. Measured (2 threads, ratio to torch's forward / train
 // step, direct -> columns): 3x3 C=64->3 64x64 0.81x -> 2.60x / 0.96x -> 1.23x, C=64->1
@@ -691,9 +676,8 @@ at::Tensor columns_pass(const at::Tensor& source, const at::Tensor& weight, cons
 // 0.87x -> 1.32x / 0.94x -> 1.09x, float64 C=64->3 3.6x -> 7.9x; C=32->8 0.81x -> 0.98x
 // forward but a slower train step, C=32->12 slower in both.
 bool forward_by_columns(const Geometry& g, const at::Tensor& w) {
-  const bool depthwise = g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1;
-  if (depthwise || g.kernel_h * g.kernel_w == 1 || g.stride_h > 1 || g.stride_w > 1) return false;
-  return g.out_per_group() <= 6 && all_finite(w);
+  if (g.groups > 1 || g.kernel_h * g.kernel_w == 1 || g.stride_h > 1 || g.stride_w > 1) return false;
+  return g.out_channels <= 6 && all_finite(w);
 }
 
 at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -834,11 +818,12 @@ at::Tensor grad_input_passes(const at::Tensor& go, const at::Tensor& weight, con
 // 3x3 C=3 0.74x -> 1.75x, C=8 0.73x -> 0.93x, 5x5 C=1 0.61x -> 2.67x, but 5x5 C=12
 // 0.66x -> 0.54x and C=16 (whole vectors) 0.69x -> 0.60x; float64 3x3 C=3 0.57x -> 1.17x,
 // 5x5 C=8 1.67x -> 1.14x. From 32 channels the phases were faster at stride 2 too (3x3:
-// 0.84x -> 0.80x). Depthwise layers keep their channel-vectorized pass; 1x1 layers have
-// one column a channel.
+// 0.84x -> 0.80x). Ungrouped only: a group's GEMM would have its few channels as depth
+// (C=32 -> 64 in 32 groups: 1.06x -> 0.41x; C=128 in 32 groups 0.66x -> 0.34x), and
+// depthwise layers have their channel-vectorized pass; 1x1 layers have one column a
+// channel.
 bool grad_input_by_columns(const Geometry& g, int64_t element_size) {
-  const bool depthwise = g.in_per_group() == 1 && g.out_per_group() == 1 && g.groups > 1;
-  if (depthwise || g.kernel_h * g.kernel_w == 1 || g.in_per_group() > 16) return false;
+  if (g.groups > 1 || g.kernel_h * g.kernel_w == 1 || g.in_channels > 16) return false;
   if (g.stride_h > 1 || g.stride_w > 1) return true;
   const int64_t lanes = 64 / element_size, padded = round_up(g.in_per_group(), lanes);
   return 2 * padded >= 3 * g.in_per_group();

@@ -928,12 +928,11 @@ FL_INLINE bool column_source(bool forward, int64_t dst, int64_t k, int64_t strid
   return src >= 0 && src < src_size;
 }
 
-// Each task gathers its destination row pixel by pixel: for each group, a vector of the
-// group's channels (W at a time) sums the (kh, kw) columns of the source pixels paired
-// with the pixel, in (kh, kw) order, in registers (loads only: a scatter of adds into a
-// row buffer re-read each pixel's lanes right after storing them). Then one store per
-// pixel and group, to the destination (channels_last) or to a row buffer transposed
-// into the NCHW planes.
+// Each task gathers its destination row pixel by pixel: a vector of the channels (W at a
+// time) sums the (kh, kw) columns of the source pixels paired with the pixel, in (kh, kw)
+// order, in registers (loads only: a scatter of adds into a row buffer re-read each
+// pixel's lanes right after storing them). Then one store per pixel, to the destination
+// (channels_last) or to a row buffer transposed into the NCHW planes.
 template <class T>
 void columns_to_image_typed(const ColumnsToImageArgs& a, int64_t task_begin, int64_t task_end) {
   using Vec = typename VecOf<T>::type;
@@ -941,13 +940,12 @@ void columns_to_image_typed(const ColumnsToImageArgs& a, int64_t task_begin, int
   const T* cols = static_cast<const T*>(a.columns);
   const T* bias = static_cast<const T*>(a.bias);
   T* out = static_cast<T*>(a.out);
-  const int per_group = static_cast<int>(a.per_group);
-  const int64_t C = a.groups * per_group, group_columns = a.kernel_h * a.kernel_w * per_group;
+  const int C = static_cast<int>(a.channels);
   const int64_t* s = a.out_stride;
   const bool direct = s[1] == 1 && s[3] == C;  // channels_last rows: stored in place
   const Vec zero = Vec{};
   // Destination column x pairs with the (kw, source column) listed in column_taps[first[x]
-  // .. first[x + 1]), in kw order, as the element offset src * ldc + kw * per_group: only
+  // .. first[x + 1]), in kw order, as the element offset src * ldc + kw * C: only
   // the pairs that exist (a strided grad-input pairs each column with 1 / stride of the
   // taps; testing every tap of every pixel, and a division per (column, tap) to build the
   // table, made an 80-tap stride-4 Conv1d's grad-input several times slower).
@@ -957,7 +955,7 @@ void columns_to_image_typed(const ColumnsToImageArgs& a, int64_t task_begin, int
       first[size_t(x)] = int64_t(column_taps.size());
       for (int64_t kw = 0; kw < a.kernel_w; ++kw) {
         const int64_t src = x * a.stride_w - a.pad_w + kw * a.dilation_w;
-        if (src >= 0 && src < a.src_w) column_taps.push_back(src * a.ldc + kw * per_group);
+        if (src >= 0 && src < a.src_w) column_taps.push_back(src * a.ldc + kw * C);
       }
     }
   } else {  // x = src stride - pad + kw dilation: walk the pairs from the source side, no division
@@ -976,7 +974,7 @@ void columns_to_image_typed(const ColumnsToImageArgs& a, int64_t task_begin, int
     column_taps.resize(size_t(count[size_t(a.dst_w)]));
     // kw ascending in the outer loop: each column's pairs land in kw order.
     for_each_pair([&](int64_t x, int64_t kw, int64_t src) {
-      column_taps[size_t(count[size_t(x)]++)] = src * a.ldc + kw * per_group;
+      column_taps[size_t(count[size_t(x)]++)] = src * a.ldc + kw * C;
     });
   }
   first[size_t(a.dst_w)] = int64_t(column_taps.size());
@@ -987,28 +985,24 @@ void columns_to_image_typed(const ColumnsToImageArgs& a, int64_t task_begin, int
     for (int64_t kh = 0; kh < a.kernel_h; ++kh) {
       int64_t src = 0;
       const bool inside = column_source(a.forward, y, kh, a.stride_h, a.pad_h, a.dilation_h, a.src_h, src);
-      tap_rows[size_t(kh)] = inside ? cols + (n * a.src_h + src) * a.src_w * a.ldc + kh * a.kernel_w * per_group
-                                    : nullptr;
+      tap_rows[size_t(kh)] = inside ? cols + (n * a.src_h + src) * a.src_w * a.ldc + kh * a.kernel_w * C : nullptr;
     }
     T* dst_row = direct ? out + n * s[0] + y * s[2] : row.data();
     for (int64_t x = 0; x < a.dst_w; ++x) {
-      for (int64_t g = 0; g < a.groups; ++g) {
-        for (int c0 = 0; c0 < per_group; c0 += W) {  // one vector unless a group has more than W channels
-          const int lanes = std::min(W, per_group - c0);
-          Vec acc = zero;
-          for (int64_t kh = 0; kh < a.kernel_h; ++kh) {
-            const T* taps = tap_rows[size_t(kh)];
-            if (taps == nullptr) continue;
-            taps += g * group_columns + c0;
-            for (int64_t e = first[size_t(x)]; e < first[size_t(x) + 1]; ++e) {
-              acc += load_lanes(taps + column_taps[size_t(e)], lanes);
-            }
+      for (int c0 = 0; c0 < C; c0 += W) {  // one vector unless there are more than W channels
+        const int lanes = std::min(W, C - c0);
+        Vec acc = zero;
+        for (int64_t kh = 0; kh < a.kernel_h; ++kh) {
+          const T* taps = tap_rows[size_t(kh)];
+          if (taps == nullptr) continue;
+          for (int64_t e = first[size_t(x)]; e < first[size_t(x) + 1]; ++e) {
+            acc += load_lanes(taps + c0 + column_taps[size_t(e)], lanes);
           }
-          if (bias != nullptr) acc += load_lanes(bias + g * per_group + c0, lanes);
-          // bias_act's ReLU on a vector: NaN < 0 is false, NaN is kept.
-          if (a.relu) acc = acc < zero ? zero : acc;
-          store_lanes(dst_row + x * C + g * per_group + c0, acc, lanes);
         }
+        if (bias != nullptr) acc += load_lanes(bias + c0, lanes);
+        // bias_act's ReLU on a vector: NaN < 0 is false, NaN is kept.
+        if (a.relu) acc = acc < zero ? zero : acc;
+        store_lanes(dst_row + x * C + c0, acc, lanes);
       }
     }
     if (!direct) {

@@ -201,27 +201,27 @@ FL_HOST_DEVICE Acc edge_grad_input_sum(const EdgeGeometry& e, int64_t ih, int64_
   return sum;
 }
 
-// A convolution pass over narrow channel groups in two steps, for a destination whose
-// channels are few a group (the forward of a layer with 1-6 output channels a group, the
-// grad-input of an RGB stem). The offset GEMM computes, for every source pixel, the
-// columns
-//   forward:    cols[input pixel][(g, kh, kw, co)] = sum over ci of group g of input * weight[co][ci][kh][kw]
-//   grad-input: cols[output pixel][(g, kh, kw, ci)] = sum over co of group g of grad_output * weight[co][ci][kh][kw]
-// (taps x channels columns a group, where the one-pass GEMM would have the channels
-// alone, a few lanes of a vector); then each destination pixel sums, in (kh, kw) order,
-// the columns of the source pixels its taps pair it with: the input pixel o s - pad + k d
-// of output pixel o (forward), the output pixels whose taps reach input pixel i
-// (tap_source, grad-input). A fixed order, no atomics. Task n * dst_h + row writes
-// destination row `row` of image n (of the images `columns` holds).
+// An ungrouped convolution pass in two steps, for a destination with few channels (the
+// forward of a layer with 1-6 output channels: an image output layer; the grad-input of
+// one with few input channels: an RGB stem). The offset GEMM computes, for every source
+// pixel, the columns
+//   forward:    cols[input pixel][(kh, kw, co)] = sum over ci of input * weight[co][ci][kh][kw]
+//   grad-input: cols[output pixel][(kh, kw, ci)] = sum over co of grad_output * weight[co][ci][kh][kw]
+// (taps x channels columns, where the one-pass GEMM would have the channels alone, a few
+// lanes of a vector); then each destination pixel sums, in (kh, kw) order, the columns
+// of the source pixels its taps pair it with: the input pixel o s - pad + k d of output
+// pixel o (forward), the output pixels whose taps reach input pixel i (tap_source,
+// grad-input). A fixed order, no atomics. Task n * dst_h + row writes destination row
+// `row` of image n (of the images `columns` holds).
 struct ColumnsToImageArgs {
   const void* columns = nullptr;  // [images][src_h][src_w][ldc]
-  int64_t ldc = 0;                // >= groups * kernel_h * kernel_w * per_group
+  int64_t ldc = 0;                // >= kernel_h * kernel_w * channels
   bool forward = false;           // the pairing above
   int64_t src_h = 0, src_w = 0, dst_h = 0, dst_w = 0;
   int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
   int64_t dilation_h = 1, dilation_w = 1;
-  int64_t groups = 1, per_group = 0;  // destination channels
-  const void* bias = nullptr;         // [groups * per_group] added (forward), or null
+  int64_t channels = 0;               // destination channels
+  const void* bias = nullptr;         // [channels] added (forward), or null
   bool relu = false;                  // then max(x, 0), NaN kept (forward)
   void* out = nullptr;  // element (n, c, h, w) at out[n * s0 + c * s1 + h * s2 + w * s3]
   int64_t out_stride[4] = {0, 0, 0, 0};
