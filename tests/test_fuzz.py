@@ -181,8 +181,8 @@ def test_fuzz_bias_act_matches_reference(shape, with_bias, activation, dtype, la
 @st.composite
 def conv_cases(draw, pooled=False):
     groups = draw(st.integers(1, 3))
-    # Narrow input groups take grad-input's columns path, wider strided ones its stride
-    # phases (grad_input_by_columns, csrc/conv2d/conv2d.cpp).
+    # Ungrouped layers with few input channels take grad-input's columns path, grouped or
+    # wider strided ones its stride phases (grad_input_by_columns, csrc/conv2d/conv2d.cpp).
     in_per_group = draw(st.one_of(st.integers(1, 3), st.integers(17, 18)))
     out_per_group = draw(st.integers(1, 3))
     kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
